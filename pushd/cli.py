@@ -1,0 +1,187 @@
+"""The `pushd` command: `pushd stats` and `pushd publish TOPIC JSON`, talking to the server's own Redis.
+
+With no Redis configured, the running server's Redis is found through the runtime file it writes beside its
+pidfile, so `twistd -n pushd` in one terminal and `pushd publish AAPL '{"price":1}'` in another just work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.python import usage
+
+from pushd import protocol
+from pushd.config import ConfigError, build_config
+from pushd.redis.client import RedisLink
+from pushd.redis.state import Keys
+from pushd.redis.target import RedisTarget, parse_redis_url
+from pushd.service import runtime_dir
+
+
+class CommandError(Exception):
+    """A one-line error for the user; exit status 1."""
+
+
+class _Common(usage.Options):
+    optParameters = [
+        ["config", "c", None, "INI file with a [pushd] section, as given to twistd pushd --config."],
+        ["redis", None, None, "Redis URL; overrides the config file and the running server's runtime file."],
+        ["pidfile", None, "twistd.pid", "The server's pidfile; its runtime file is looked for beside it."],
+    ]
+
+
+class PublishOptions(_Common):
+    synopsis = "[options] TOPIC DATA"
+    optFlags = [["raw", None, "Send DATA as it is, even if it is not JSON (subscribers get a JSON string)."]]
+
+    def parseArgs(self, topic: str, data: str) -> None:
+        self["topic"] = topic
+        self["data"] = data
+
+
+class StatsOptions(_Common):
+    optParameters = [["top", None, "20", "Show the N topics with the most subscribers.", int]]
+    optFlags = [["json", None, "Print JSON instead of a table."]]
+
+
+class CommandOptions(usage.Options):
+    synopsis = "pushd COMMAND [options]"
+    subCommands = [
+        ["publish", None, PublishOptions, "Publish DATA (JSON) to TOPIC through the server's Redis."],
+        ["stats", None, StatsOptions, "Nodes, connections, topics and subscribers, read from Redis."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("name a command: publish or stats")
+
+
+@dataclass(frozen=True)
+class Server:
+    target: RedisTarget
+    keys: Keys
+    channel_prefix: str
+    redis_timeout: int
+
+
+def locate_server(options: usage.Options) -> Server:
+    """Where the server's Redis is: --redis, else the config file, else the running server's runtime file."""
+    try:
+        config = build_config({"redis": options["redis"]}, options["config"])
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    if config.redis is not None:
+        return Server(config.redis, Keys(config.key_prefix), config.channel_prefix, config.redis_timeout)
+    path = os.path.join(runtime_dir(options["pidfile"]), "pushd.runtime.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        os.kill(int(info["pid"]), 0)
+        target = parse_redis_url(info["redis"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CommandError(
+            f"no pushd server is running here (no live runtime file at {path}); start one with "
+            f"`twistd -n pushd`, or pass --pidfile of a running server or --redis URL") from None
+    return Server(target, Keys(info.get("key_prefix", config.key_prefix)),
+                  info.get("channel_prefix", config.channel_prefix), config.redis_timeout)
+
+
+def publish_payload(data: str, raw: bool) -> bytes:
+    if not raw:
+        try:
+            json.loads(data)
+        except ValueError as e:
+            raise CommandError(f"DATA is not valid JSON ({e}); quote it for your shell or pass --raw") from None
+    return data.encode("utf-8")
+
+
+@defer.inlineCallbacks
+def publish(reactor: Any, server: Server, topic: str, payload: bytes) -> Any:
+    problem = protocol.topic_error(topic, protocol.Limits())
+    if problem is not None:
+        raise CommandError(problem)
+    link = RedisLink(reactor, server.target, timeout=server.redis_timeout)
+    try:
+        nodes = yield link.call("publish", server.channel_prefix + topic, payload)
+    finally:
+        yield link.disconnect()
+    return int(nodes)
+
+
+@defer.inlineCallbacks
+def read_stats(reactor: Any, server: Server) -> Any:
+    link = RedisLink(reactor, server.target, timeout=server.redis_timeout)
+    keys = server.keys
+    try:
+        nodes = []
+        for node in sorted((yield link.call("smembers", keys.nodes))):
+            heartbeat = yield link.call("get", keys.heartbeat(node))
+            connections = yield link.call("scard", keys.node(node))
+            info = json.loads(heartbeat) if heartbeat else {}
+            nodes.append({"node": node, "alive": heartbeat is not None, "connections": int(connections),
+                          "pid": info.get("pid"), "urls": info.get("urls", [])})
+        topics = {}
+        for topic in (yield link.call("smembers", keys.topics)):
+            topics[topic] = int((yield link.call("scard", keys.topic(topic))))
+    finally:
+        yield link.disconnect()
+    return {"nodes": nodes, "connections": sum(n["connections"] for n in nodes), "topics": topics}
+
+
+def format_stats(stats: dict[str, Any], top: int) -> str:
+    lines = [(f"nodes: {len(stats['nodes'])}   connections: {stats['connections']}   "
+             f"topics: {len(stats['topics'])}   subscriptions: {sum(stats['topics'].values())}"), ""]
+    lines.append(f"{'NODE':<32} {'STATE':<6} {'CONNECTIONS':>11}  URLS")
+    for node in stats["nodes"]:
+        state = "alive" if node["alive"] else "dead"
+        lines.append(f"{node['node']:<32} {state:<6} {node['connections']:>11}  {' '.join(node['urls'])}")
+    ranked = sorted(stats["topics"].items(), key=lambda item: (-item[1], item[0]))
+    lines += ["", f"{'TOPIC':<32} {'SUBSCRIBERS':>11}"]
+    lines += [f"{topic:<32} {count:>11}" for topic, count in ranked[:top]]
+    if len(ranked) > top:
+        lines.append(f"... and {len(ranked) - top} more topics (--top N)")
+    return "\n".join(lines)
+
+
+def _run(reactor: Any, options: CommandOptions) -> Any:
+    sub = options.subOptions
+    server = locate_server(sub)
+    if options.subCommand == "publish":
+        payload = publish_payload(sub["data"], sub["raw"])
+        d = publish(reactor, server, sub["topic"], payload)
+        d.addCallback(lambda nodes: _say(f"published to {sub['topic']}: {nodes} node(s) listening"))
+        return d
+    d = read_stats(reactor, server)
+    d.addCallback(lambda stats: _say(json.dumps(stats, indent=2) if sub["json"] else format_stats(stats, sub["top"])))
+    return d
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = CommandOptions()
+    try:
+        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+    except usage.UsageError as e:
+        sys.exit(f"{options}\npushd: {e}")
+
+    def run(reactor: Any) -> Any:
+        return defer.maybeDeferred(_run, reactor, options).addErrback(_fail)
+
+    task.react(run)
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _fail(failure: Any) -> None:
+    if failure.check(CommandError):
+        sys.stderr.write(f"pushd: {failure.value}\n")
+    else:
+        sys.stderr.write(f"pushd: {failure.getErrorMessage()}\n")
+    raise SystemExit(1)

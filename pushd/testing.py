@@ -1,0 +1,184 @@
+"""Run whole WebSocket client sessions against a real `PushFactory` in memory, on a fake clock.
+
+`MemoryNode` builds the factory and hub the server uses, with a `MemoryReactorClock` in place of the reactor;
+`MemoryNode.connect()` returns a `MemoryClient` that does the opening handshake, sends masked frames and reads
+the server's frames back from a `StringTransport`. Tests advance time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import txaio
+from autobahn.websocket.protocol import PreparedMessage
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from pushd.hooks import Hooks
+from pushd.hub import Hub, MembershipObserver
+from pushd.protocol import Limits
+from pushd.ws import PushConnection, PushFactory
+
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class InlineTasks:
+    """A task pool that runs each task at once, on the caller's thread (deterministic tests)."""
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class RecordingObserver:
+    """A `MembershipObserver` that records every change, for asserting what goes to Redis."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def opened(self, conn_id: str) -> None:
+        self.events.append(("opened", conn_id))
+
+    def subscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
+        self.events.append(("subscribed", conn_id, topics))
+
+    def unsubscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
+        self.events.append(("unsubscribed", conn_id, topics))
+
+    def closed(self, conn_id: str) -> None:
+        self.events.append(("closed", conn_id))
+
+
+@dataclass
+class Frame:
+    opcode: int
+    payload: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+    @property
+    def close_code(self) -> int | None:
+        if self.opcode != OP_CLOSE or len(self.payload) < 2:
+            return None
+        return int(struct.unpack("!H", self.payload[:2])[0])
+
+
+def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
+    """Split server-to-client bytes into frames; returns the frames and any incomplete tail."""
+    frames = []
+    while len(data) >= 2:
+        opcode = data[0] & 0x0F
+        length = data[1] & 0x7F
+        offset = 2
+        if length == 126:
+            if len(data) < 4:
+                break
+            length, offset = struct.unpack("!H", data[2:4])[0], 4
+        elif length == 127:
+            if len(data) < 10:
+                break
+            length, offset = struct.unpack("!Q", data[2:10])[0], 10
+        if len(data) < offset + length:
+            break
+        frames.append(Frame(opcode, data[offset:offset + length]))
+        data = data[offset + length:]
+    return frames, data
+
+
+class MemoryClient:
+    """One client connection to a `MemoryNode`, driven by hand."""
+
+    def __init__(self, node: MemoryNode, path: str = "/ws", port: int = 40000) -> None:
+        self.node = node
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        self.protocol: PushConnection = node.factory.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.protocol.dataReceived(
+            (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        raw = self.transport.value()
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1]) if head else 0
+        self._buffer = rest if self.status == 101 else b""
+        self.transport.clear()
+
+    @property
+    def conn_id(self) -> str:
+        return self.protocol.conn_id
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        frame = PreparedMessage(payload, opcode == OP_BINARY, True, True).payloadHybi
+        if opcode not in (OP_TEXT, OP_BINARY):
+            frame = bytes([0x80 | opcode]) + frame[1:]
+        self.protocol.dataReceived(frame)
+
+    def send(self, message: Any) -> None:
+        """Send a text frame: a str as it is, anything else as JSON."""
+        text = message if isinstance(message, str) else json.dumps(message)
+        self.send_frame(OP_TEXT, text.encode())
+
+    def frames(self) -> list[Frame]:
+        """Frames the server sent since the last call."""
+        frames, self._buffer = parse_frames(self._buffer + self.transport.value())
+        self.transport.clear()
+        return frames
+
+    def messages(self) -> list[Any]:
+        """JSON of the text frames the server sent since the last call."""
+        return [f.json() for f in self.frames() if f.opcode == OP_TEXT]
+
+    def request(self, message: Any) -> list[Any]:
+        self.send(message)
+        return self.messages()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting or self.protocol.state == PushConnection.STATE_CLOSED
+
+    def disconnect(self) -> None:
+        """The peer vanishes (no close frame)."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.protocol.connectionLost(Failure(ConnectionLost()))
+
+
+@dataclass
+class MemoryNode:
+    """A node's WebSocket side in memory: factory, hub and fake clock."""
+
+    limits: Limits = field(default_factory=Limits)
+    hooks: Hooks = field(default_factory=Hooks)
+    observer: MembershipObserver | None = None
+    max_frame_size: int = 65536
+    high_water_mark: int = 1 << 20
+    bad_frame_limit: int = 20
+    ping_interval: int = 0
+    ping_timeout: int = 10
+    node_id: str = "test-node"
+
+    def __post_init__(self) -> None:
+        self.clock = MemoryReactorClock()
+        txaio.use_twisted()
+        txaio.config.loop = self.clock
+        self.hub = Hub(self.observer)
+        self.factory = PushFactory(
+            clock=self.clock, hub=self.hub, node_id=self.node_id, ws_path="/ws", limits=self.limits,
+            max_frame_size=self.max_frame_size, high_water_mark=self.high_water_mark,
+            bad_frame_limit=self.bad_frame_limit, ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout, tasks=InlineTasks(),  # type: ignore[arg-type]
+            hooks=self.hooks)
+
+    def connect(self, path: str = "/ws") -> MemoryClient:
+        return MemoryClient(self, path)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        return self.hub.publish(topic, payload)

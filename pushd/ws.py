@@ -1,0 +1,260 @@
+"""The Autobahn WebSocket protocol and factory: one connection's life, kept thin.
+
+Frames are parsed by `pushd.protocol`, subscriptions live in the `Hub`; this module wires the two to a socket,
+enforces the limits a hostile client must not get past, and notices slow or dead peers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pushd import protocol
+from pushd.hooks import Hooks
+from pushd.hub import Hub
+from pushd.protocol import Command, Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
+from pushd.tasks import TaskPool
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+BAD_FRAME_WINDOW = 60.0
+
+
+class PushConnection(WebSocketServerProtocol):
+    """One client: a `Subscriber` of the hub and a producer its transport can pause."""
+
+    factory: PushFactory
+    conn_id = ""
+    #: Bytes written while the transport is paused (its buffer is full); None while it is not.
+    _backlog: int | None = None
+    _request: ConnectionRequest | None = None
+    _pending: deque[Command] | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        if request.path != self.factory.ws_path:
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no WebSocket endpoint at {request.path}")
+        if self.factory.hooks.authorize is not None:
+            self._request = request
+
+    def onOpen(self) -> None:
+        self.conn_id = self.factory.next_conn_id()
+        self.topics: set[str] = set()
+        self._bad_frames = 0
+        self._bad_window_start = 0.0
+        self.transport.registerProducer(self, True)
+        self.factory.hub.add(self)
+
+    # -- IPushProducer: the transport tells us when its buffer is full ---------------------------------
+
+    def pauseProducing(self) -> None:
+        if self._backlog is None:
+            self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        self._backlog = None
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- Subscriber ---------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> bool:
+        backlog = self._backlog
+        if backlog is not None:
+            backlog += len(data)
+            if backlog > self.factory.high_water_mark:
+                self.drop("slow_consumer")
+                return False
+            self._backlog = backlog
+        try:
+            self.transport.write(data)
+        except Exception:
+            self.drop("write_failed")
+            return False
+        return True
+
+    def drop(self, reason: str) -> None:
+        """Take the connection out of the index at once, count why, and cut it."""
+        self.factory.hub.pruned[reason] += 1
+        self.factory.hub.remove(self)
+        self.dropConnection(abort=True)
+
+    # -- client frames ------------------------------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if isBinary:
+            self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported; send JSON text frames")
+            return
+        command = protocol.parse_command(payload.decode("utf-8"), self.factory.limits)
+        if isinstance(command, Error):
+            self._refuse(command)
+        elif self._pending is not None:
+            self._pending.append(command)
+        else:
+            self._run(command)
+
+    def _run(self, command: Command) -> None:
+        if isinstance(command, Ping):
+            self._reply(protocol.encode_pong(command.id))
+        elif isinstance(command, Unsubscribe):
+            self.factory.hub.unsubscribe(self, command.topics)
+            self._reply(protocol.encode_unsubscribed(command.topics, command.id))
+        else:
+            self._subscribe(command)
+
+    def _subscribe(self, command: Subscribe) -> None:
+        limit = self.factory.limits.max_topics_per_connection
+        if len(self.topics.union(command.topics)) > limit:
+            self._refuse(Error(ErrorCode.TOO_MANY_TOPICS,
+                               f"subscribing would exceed {limit} topics on this connection", command.id))
+            return
+        authorize = self.factory.hooks.authorize
+        if authorize is None:
+            self._grant(command)
+            return
+        # Later frames wait until this one is decided, so a client's commands keep their order.
+        self._pending = deque()
+        d = self.factory.tasks.run(_refused_topics, authorize, self._request, command.topics)
+        d.addCallbacks(self._authorized, self._authorize_failed, (command,), None, (command,), None)
+        d.addBoth(self._resume_pending)
+
+    def _authorized(self, refused: list[str], command: Subscribe) -> None:
+        if refused:
+            self._refuse(Error(ErrorCode.FORBIDDEN, "not allowed to subscribe to these topics", command.id,
+                               tuple(refused)))
+        else:
+            self._grant(command)
+
+    def _authorize_failed(self, failure: Failure, command: Subscribe) -> None:
+        self.factory.log.failure("authorize hook raised; subscription refused", failure)
+        self._refuse(Error(ErrorCode.INTERNAL_ERROR, "authorization failed on the server", command.id))
+
+    def _resume_pending(self, _: Any) -> None:
+        pending, self._pending = self._pending, None
+        while pending and self._pending is None:
+            self._run(pending.popleft())
+        if pending and self._pending is not None:
+            self._pending.extendleft(reversed(pending))
+
+    def _grant(self, command: Subscribe) -> None:
+        if self.factory.hub.connection(self.conn_id) is not self:
+            return
+        self.factory.hub.subscribe(self, command.topics)
+        self._reply(protocol.encode_subscribed(command.topics, command.id))
+
+    def _refuse(self, error: Error) -> None:
+        self._reply(protocol.encode_error(error))
+        now = self.factory.clock.seconds()
+        if now - self._bad_window_start > BAD_FRAME_WINDOW:
+            self._bad_window_start, self._bad_frames = now, 0
+        self._bad_frames += 1
+        if self._bad_frames > self.factory.bad_frame_limit:
+            self.factory.hub.pruned["bad_frames"] += 1
+            self.close(CLOSE_POLICY_VIOLATION, "too many bad frames")
+
+    def close(self, code: int, reason: str) -> None:
+        """Leave the index at once and start the closing handshake with any code (sendClose allows only
+        1000 and 3000-4999)."""
+        self.factory.hub.remove(self)
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"))
+
+    def _reply(self, payload: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(payload)
+
+    # -- end of life --------------------------------------------------------------------------------------
+
+    def onAutoPingTimeout(self) -> None:
+        self.factory.hub.pruned["ping_timeout"] += 1
+        self.factory.hub.remove(self)
+        super().onAutoPingTimeout()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.conn_id:
+            self.factory.hub.remove(self)
+            self.factory.closed(self)
+
+
+def _refused_topics(authorize: Callable[[Any, str], bool], request: Any, topics: tuple[str, ...]) -> list[str]:
+    """Runs in a task worker: the topics `authorize` does not allow (anything but True refuses)."""
+    return [topic for topic in topics if authorize(request, topic) is not True]
+
+
+class PushFactory(WebSocketServerFactory):
+    """What all connections of a node share: the hub, the limits, the task pool and the hooks."""
+
+    protocol = PushConnection
+    log = Logger()
+
+    def __init__(self, *, clock: Any, hub: Hub, node_id: str, ws_path: str, limits: Limits,
+                 max_frame_size: int, high_water_mark: int, bad_frame_limit: int, ping_interval: int,
+                 ping_timeout: int, tasks: TaskPool | None, hooks: Hooks, server: str = "pushd") -> None:
+        super().__init__(server=server)
+        self.clock = clock
+        self.hub = hub
+        self.ws_path = ws_path
+        self.limits = limits
+        self.high_water_mark = high_water_mark
+        self.bad_frame_limit = bad_frame_limit
+        self.tasks = tasks
+        self.hooks = hooks
+        self._node_id = node_id
+        self._serial = itertools.count(1)
+        self._closing: set[PushConnection] = set()
+        self._all_closed: defer.Deferred[None] | None = None
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_frame_size,
+            maxMessagePayloadSize=max_frame_size,
+            # Without this Autobahn drops the TCP connection and clients see 1006 instead of 1009/1007.
+            failByDrop=False,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout if ping_interval else 0,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            # Frames are prepared once for every subscriber, which compression per connection would undo.
+            perMessageCompressionAccept=lambda offers: None,
+            tcpNoDelay=True,
+        )
+
+    def next_conn_id(self) -> str:
+        return f"{self._node_id}:{next(self._serial)}"
+
+    def close_all(self, reason: str, timeout: float) -> defer.Deferred[None]:
+        """Send every connection a 1001 close frame; fires when all are gone or after `timeout` seconds."""
+        conns = [c for c in self.hub.broadcast_targets() if isinstance(c, PushConnection)]
+        self._closing.update(conns)
+        for conn in conns:
+            conn.close(CLOSE_GOING_AWAY, reason)
+        if not self._closing:
+            return defer.succeed(None)
+        self._all_closed = defer.Deferred()
+        call = self.clock.callLater(timeout, self._abort_closing)
+        self._all_closed.addBoth(lambda r: call.cancel() if call.active() else None)
+        return self._all_closed
+
+    def closed(self, conn: PushConnection) -> None:
+        self._closing.discard(conn)
+        if not self._closing and self._all_closed is not None:
+            done, self._all_closed = self._all_closed, None
+            done.callback(None)
+
+    def _abort_closing(self) -> None:
+        for conn in list(self._closing):
+            if conn.state != PushConnection.STATE_CLOSED:
+                conn.dropConnection(abort=True)
+        self._closing.clear()
+        if self._all_closed is not None:
+            done, self._all_closed = self._all_closed, None
+            done.callback(None)

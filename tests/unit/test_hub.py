@@ -1,0 +1,130 @@
+"""The in-memory index and the fan-out: one frame per message, written to every subscriber."""
+
+from pushd.hub import Hub, frame_bytes
+from pushd.testing import RecordingObserver
+
+
+class FakeConn:
+    def __init__(self, conn_id, accept=True):
+        self.conn_id = conn_id
+        self.topics = set()
+        self.written = []
+        self.accept = accept
+        self.dropped = None
+
+    def write(self, data):
+        if not self.accept:
+            return False
+        self.written.append(data)
+        return True
+
+    def drop(self, reason):
+        self.dropped = reason
+
+
+def test_index_changes_are_reported_in_order():
+    observer = RecordingObserver()
+    hub = Hub(observer)
+    a = FakeConn("n:1")
+    hub.add(a)
+    assert hub.subscribe(a, ["X", "Y", "X"]) == ("X", "Y")
+    assert hub.subscribe(a, ["X"]) == ()
+    assert hub.unsubscribe(a, ["Y", "Z"]) == ("Y",)
+    hub.remove(a)
+    hub.remove(a)
+    assert observer.events == [
+        ("opened", "n:1"), ("subscribed", "n:1", ("X", "Y")), ("unsubscribed", "n:1", ("Y",)), ("closed", "n:1")]
+    assert hub.topic_count() == 0 and len(hub) == 0
+
+
+def test_subscribe_of_an_unknown_connection_is_ignored():
+    hub = Hub()
+    assert hub.subscribe(FakeConn("n:9"), ["X"]) == ()
+    assert hub.topic_count() == 0
+
+
+def test_publish_writes_the_same_bytes_object_to_every_subscriber():
+    hub = Hub()
+    conns = [FakeConn(f"n:{i}") for i in range(5)]
+    for c in conns:
+        hub.add(c)
+        hub.subscribe(c, ["AAPL"])
+    other = FakeConn("n:other")
+    hub.add(other)
+    hub.subscribe(other, ["MSFT"])
+    assert hub.publish("AAPL", b'{"p":1}') == 5
+    frames = [c.written[0] for c in conns]
+    assert all(f is frames[0] for f in frames)
+    assert frames[0] == frame_bytes("AAPL", b'{"p":1}')
+    assert other.written == []
+    assert hub.publish("NOBODY", b"1") == 0
+    assert hub.delivered == 5
+
+
+def test_a_batch_becomes_one_write_per_connection_in_arrival_order():
+    hub = Hub()
+    a, b = FakeConn("n:a"), FakeConn("n:b")
+    for c in (a, b):
+        hub.add(c)
+    hub.subscribe(a, ["X", "Y"])
+    hub.subscribe(b, ["Y"])
+    hub.begin_batch()
+    hub.publish("X", b"1")
+    hub.publish("Y", b"2")
+    hub.publish("X", b"3")
+    assert a.written == [] and b.written == []
+    hub.flush()
+    assert a.written == [frame_bytes("X", b"1") + frame_bytes("Y", b"2") + frame_bytes("X", b"3")]
+    assert b.written == [frame_bytes("Y", b"2")]
+    assert hub.delivered == 4
+
+
+def test_single_topic_batch_is_joined_once():
+    hub = Hub()
+    conns = [FakeConn(f"n:{i}") for i in range(3)]
+    for c in conns:
+        hub.add(c)
+        hub.subscribe(c, ["X"])
+    hub.begin_batch()
+    hub.publish("X", b"1")
+    hub.publish("X", b"2")
+    hub.flush()
+    assert all(len(c.written) == 1 and c.written[0] is conns[0].written[0] for c in conns)
+    hub.flush()  # nothing held: nothing written
+    assert all(len(c.written) == 1 for c in conns)
+
+
+def test_failed_writes_are_not_counted_as_deliveries():
+    hub = Hub()
+    good, bad = FakeConn("n:g"), FakeConn("n:b", accept=False)
+    for c in (good, bad):
+        hub.add(c)
+        hub.subscribe(c, ["X"])
+    hub.publish("X", b"1")
+    assert hub.delivered == 1
+
+
+def test_removing_during_fan_out_is_safe():
+    hub = Hub()
+
+    class Leaver(FakeConn):
+        def write(self, data):
+            hub.remove(self)
+            return False
+
+    conns = [Leaver("n:l")] + [FakeConn(f"n:{i}") for i in range(3)]
+    for c in conns:
+        hub.add(c)
+        hub.subscribe(c, ["X"])
+    hub.publish("X", b"1")
+    assert hub.subscriber_count("X") == 3
+    assert all(len(c.written) == 1 for c in conns[1:])
+
+
+def test_snapshot_lists_every_connection_with_its_topics():
+    hub = Hub()
+    a, b = FakeConn("n:a"), FakeConn("n:b")
+    hub.add(a)
+    hub.add(b)
+    hub.subscribe(a, ["X"])
+    assert dict(hub.snapshot()) == {"n:a": ("X",), "n:b": ()}

@@ -1,0 +1,295 @@
+"""pushd.tls: the generated localhost certificate, its reuse and renewal, and the ssl: listen string."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from service_identity.pyopenssl import verify_hostname
+from twisted.internet import reactor
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.logger import Logger, formatEvent
+
+from pushd import tls
+from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate, release_tls_buffers
+
+
+def _later(days: int) -> Callable[[], datetime]:
+    return lambda: datetime.now(UTC) + timedelta(days=days)
+
+
+def _load(key_path: str, cert_path: str) -> tuple[Any, x509.Certificate]:
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    return key, x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+
+
+def _spki(public_key: Any) -> bytes:
+    return bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _current_mode(context: SSL.Context) -> int:
+    # set_mode ORs its argument in and returns the resulting bitmask (SSL_CTX_set_mode is
+    # SSL_CTX_ctrl(ctx, SSL_CTRL_MODE, op, NULL) and SSL_CTX_get_mode the same call with op=0), so 0 reads it.
+    return int(context.set_mode(0))
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    captured: list[dict[str, Any]] = []
+    monkeypatch.setattr(tls, "log", Logger(namespace="pushd.tls", observer=captured.append))
+    return captured
+
+
+def test_generates_pair_in_empty_dir(tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    cert_dir = tmp_path / "certs" / "nested"
+    key_path, cert_path = ensure_localhost_certificate(str(cert_dir))
+
+    assert (key_path, cert_path) == (str(cert_dir / "localhost.key"), str(cert_dir / "localhost.pem"))
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    assert sorted(os.listdir(cert_dir)) == ["localhost.key", "localhost.pem"]  # no temp files left behind
+
+    key, cert = _load(key_path, cert_path)
+    assert _spki(key.public_key()) == _spki(cert.public_key())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "localhost"
+    assert cert.issuer == cert.subject
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert set(sans.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and not basic.value.ca
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+    now = datetime.now(UTC)
+    assert cert.not_valid_before_utc < now < cert.not_valid_after_utc
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=397)
+
+    assert len(events) == 1
+    message = formatEvent(events[0])
+    assert cert_path in message and cert.not_valid_after_utc.isoformat() in message
+
+
+def test_second_call_reuses_files(tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    key_path, cert_path = ensure_localhost_certificate(str(tmp_path))
+    before = Path(key_path).read_bytes(), Path(cert_path).read_bytes()
+
+    assert ensure_localhost_certificate(str(tmp_path)) == (key_path, cert_path)
+    assert (Path(key_path).read_bytes(), Path(cert_path).read_bytes()) == before
+    assert len(events) == 1  # only the first call generated (and logged)
+
+
+def test_expired_certificate_is_replaced(tmp_path: Path) -> None:
+    key_path, cert_path = ensure_localhost_certificate(str(tmp_path))
+    old_cert = Path(cert_path).read_bytes()
+
+    ensure_localhost_certificate(str(tmp_path), clock=_later(730))
+
+    assert Path(cert_path).read_bytes() != old_cert
+    _, cert = _load(key_path, cert_path)
+    assert cert.not_valid_before_utc < _later(730)() < cert.not_valid_after_utc
+
+
+def test_certificate_close_to_expiry_is_renewed(tmp_path: Path) -> None:
+    _, cert_path = ensure_localhost_certificate(str(tmp_path))
+    old_cert = Path(cert_path).read_bytes()
+
+    ensure_localhost_certificate(str(tmp_path), clock=_later(360))  # 36 days left: keep
+    assert Path(cert_path).read_bytes() == old_cert
+    ensure_localhost_certificate(str(tmp_path), clock=_later(370))  # 26 days left: renew
+    assert Path(cert_path).read_bytes() != old_cert
+
+
+@pytest.mark.parametrize("which", ["localhost.key", "localhost.pem"])
+def test_corrupt_file_is_replaced(tmp_path: Path, which: str) -> None:
+    key_path, cert_path = ensure_localhost_certificate(str(tmp_path))
+    (tmp_path / which).write_bytes(b"-----BEGIN GARBAGE-----\nnot pem\n")
+
+    ensure_localhost_certificate(str(tmp_path))
+
+    key, cert = _load(key_path, cert_path)
+    assert _spki(key.public_key()) == _spki(cert.public_key())
+
+
+def test_mismatched_key_is_replaced(tmp_path: Path) -> None:
+    key_a, cert_a = ensure_localhost_certificate(str(tmp_path / "a"))
+    key_b, _ = ensure_localhost_certificate(str(tmp_path / "b"))
+    Path(key_a).write_bytes(Path(key_b).read_bytes())
+    old_cert = Path(cert_a).read_bytes()
+
+    ensure_localhost_certificate(str(tmp_path / "a"))
+
+    key, cert = _load(key_a, cert_a)
+    assert Path(cert_a).read_bytes() != old_cert
+    assert _spki(key.public_key()) == _spki(cert.public_key())
+
+
+def test_missing_one_file_is_replaced(tmp_path: Path) -> None:
+    key_path, cert_path = ensure_localhost_certificate(str(tmp_path))
+    os.unlink(cert_path)
+
+    ensure_localhost_certificate(str(tmp_path))
+
+    key, cert = _load(key_path, cert_path)
+    assert _spki(key.public_key()) == _spki(cert.public_key())
+
+
+def test_cert_dir_under_regular_file_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cert_dir = str(blocker / "certs")
+
+    with pytest.raises(CertificateError) as caught:
+        ensure_localhost_certificate(cert_dir)
+
+    message = str(caught.value)
+    assert message.startswith("cert-dir: cannot write ")
+    assert repr(cert_dir) in message
+    assert "\n" not in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_cert_dir_raises(tmp_path: Path) -> None:
+    cert_dir = tmp_path / "ro"
+    cert_dir.mkdir(mode=0o500)
+    try:
+        with pytest.raises(CertificateError, match=r"^cert-dir: cannot write .*localhost\.key"):
+            ensure_localhost_certificate(str(cert_dir))
+    finally:
+        cert_dir.chmod(0o700)
+
+
+def test_failed_write_raises_and_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Works as root too, unlike a read-only directory: the final rename of the key fails.
+    def refuse(source: str, target: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(CertificateError) as caught:
+        ensure_localhost_certificate(str(tmp_path))
+
+    key_path = str(tmp_path / "localhost.key")
+    assert str(caught.value) == f"cert-dir: cannot write {key_path!r}: Permission denied"
+    assert os.listdir(tmp_path) == []
+
+
+def test_default_listen_quotes_paths(tmp_path: Path) -> None:
+    cert_dir = tmp_path / "we:ird\\dir"
+    description = default_listen(str(cert_dir), port=9443)
+
+    assert description.startswith("ssl:9443:privateKey=")
+    quoted = str(cert_dir).replace("\\", "\\\\").replace(":", "\\:")
+    assert description == f"ssl:9443:privateKey={quoted}/localhost.key:certKey={quoted}/localhost.pem"
+    assert default_listen(str(cert_dir)).startswith("ssl:8443:")
+
+    ensure_localhost_certificate(str(cert_dir))
+    endpoint = serverFromString(reactor, description)  # reads both files, so the paths must survive parsing
+    assert isinstance(endpoint, SSL4ServerEndpoint)
+
+
+def test_default_listen_endpoint_releases_buffers(tmp_path: Path) -> None:
+    cert_dir = tmp_path / "with:colon"
+    ensure_localhost_certificate(str(cert_dir))
+
+    endpoint = serverFromString(reactor, default_listen(str(cert_dir), port=0))
+
+    assert isinstance(endpoint, SSL4ServerEndpoint)
+    assert release_tls_buffers(endpoint) is True
+    context = endpoint._sslContextFactory.getContext()
+    assert _current_mode(context) & SSL.MODE_RELEASE_BUFFERS
+
+
+def test_release_tls_buffers_sets_mode_that_was_not_set(tmp_path: Path) -> None:
+    # Twisted's CertificateOptions already sets the mode, so prove the function itself sets it on a context
+    # that starts without it.
+    class CachingFactory:
+        def __init__(self) -> None:
+            self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
+
+        def getContext(self) -> SSL.Context:
+            return self.context
+
+    factory = CachingFactory()
+    assert not _current_mode(factory.context) & SSL.MODE_RELEASE_BUFFERS
+    assert _current_mode(factory.context) == _current_mode(factory.context)  # reading does not change it
+
+    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, factory)) is True
+    assert _current_mode(factory.context) & SSL.MODE_RELEASE_BUFFERS
+
+
+def test_release_tls_buffers_ignores_other_endpoints() -> None:
+    class FreshContextFactory:
+        def getContext(self) -> SSL.Context:
+            return SSL.Context(SSL.TLS_SERVER_METHOD)
+
+    class BrokenFactory:
+        getContext = "not callable"
+
+    assert release_tls_buffers(serverFromString(reactor, "tcp:0")) is False
+    assert release_tls_buffers(object()) is False
+    assert release_tls_buffers(None) is False
+    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, object())) is False
+    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, BrokenFactory())) is False
+    # A factory that makes a new Context each time: the mode could not stick, so say so.
+    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, FreshContextFactory())) is False
+
+
+def _pump(source: SSL.Connection, sink: SSL.Connection) -> bool:
+    try:
+        data = source.bio_read(65536)
+    except SSL.WantReadError:
+        return False
+    sink.bio_write(data)
+    return True
+
+
+def test_generated_pair_completes_handshake_over_memory_bios(tmp_path: Path) -> None:
+    _, cert_path = ensure_localhost_certificate(str(tmp_path / "a:b"))
+    endpoint = serverFromString(reactor, default_listen(str(tmp_path / "a:b"), port=0))
+    assert release_tls_buffers(endpoint)
+    server = SSL.Connection(endpoint._sslContextFactory.getContext(), None)
+    server.set_accept_state()
+
+    client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_context.set_verify(SSL.VERIFY_NONE)
+    client = SSL.Connection(client_context, None)
+    client.set_tlsext_host_name(b"localhost")
+    client.set_connect_state()
+
+    done = {"client": False, "server": False}
+    for _ in range(20):
+        for name, connection in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    connection.do_handshake()
+                    done[name] = True
+                except SSL.WantReadError:
+                    pass
+        moved = _pump(client, server) | _pump(server, client)
+        if all(done.values()) and not moved:
+            break
+    assert all(done.values())
+
+    peer = client.get_peer_certificate(as_cryptography=True)
+    assert peer is not None
+    assert peer == x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    verify_hostname(client, "localhost")  # the SAN satisfies RFC 6125 checking as browsers do it
+
+    client.send(b"ping")
+    _pump(client, server)
+    assert server.recv(4) == b"ping"
+    server.send(b"pong")
+    _pump(server, client)
+    assert client.recv(4) == b"pong"

@@ -1,0 +1,263 @@
+"""Whole client sessions in memory: handshake, commands, errors, limits, pruning, hooks, shutdown."""
+
+import json
+
+from twisted.internet import defer
+
+from pushd.hooks import Hooks
+from pushd.protocol import Limits
+from pushd.testing import OP_CLOSE, OP_PING, OP_TEXT, MemoryNode, RecordingObserver
+
+
+def close_codes(client):
+    return [f.close_code for f in client.frames() if f.opcode == OP_CLOSE]
+
+
+def test_handshake_on_the_ws_path_only():
+    node = MemoryNode()
+    assert node.connect("/ws").status == 101
+    assert node.connect("/other").status == 404
+
+
+def test_connection_ids_are_node_scoped_and_unique():
+    node = MemoryNode(node_id="host:42")
+    a, b = node.connect(), node.connect()
+    assert a.conn_id == "host:42:1" and b.conn_id == "host:42:2"
+
+
+def test_subscribe_receive_unsubscribe():
+    node = MemoryNode()
+    client = node.connect()
+    assert client.request({"op": "subscribe", "topics": ["AAPL", "sh600519"], "id": 7}) == [
+        {"op": "subscribed", "topics": ["AAPL", "sh600519"], "id": 7}]
+    node.publish("AAPL", b'{"price":172.5}')
+    node.publish("MSFT", b"1")
+    assert client.messages() == [{"topic": "AAPL", "data": {"price": 172.5}}]
+    assert client.request({"op": "unsubscribe", "topics": ["AAPL"], "id": 8}) == [
+        {"op": "unsubscribed", "topics": ["AAPL"], "id": 8}]
+    node.publish("AAPL", b"2")
+    assert client.messages() == []
+    assert client.request({"op": "ping", "id": 9}) == [{"op": "pong", "id": 9}]
+
+
+def test_bad_frames_get_error_frames_and_the_connection_stays_usable():
+    node = MemoryNode()
+    client = node.connect()
+    for frame in ["{", "[]", json.dumps({"op": "dance"}), json.dumps({"op": "subscribe", "topics": ["a b"]})]:
+        [reply] = client.request(frame)
+        assert reply["op"] == "error"
+    assert client.request({"op": "subscribe", "topics": ["A"]}) == [{"op": "subscribed", "topics": ["A"]}]
+    node.publish("A", b"1")
+    assert client.messages() == [{"topic": "A", "data": 1}]
+
+
+def test_topic_limit_counts_the_connections_existing_topics():
+    node = MemoryNode(limits=Limits(max_topics_per_connection=2))
+    client = node.connect()
+    client.request({"op": "subscribe", "topics": ["A", "B"]})
+    assert client.request({"op": "subscribe", "topics": ["A"]}) == [{"op": "subscribed", "topics": ["A"]}]
+    [reply] = client.request({"op": "subscribe", "topics": ["C"], "id": 1})
+    assert reply["code"] == "too_many_topics" and reply["id"] == 1
+    assert node.hub.subscriber_count("C") == 0
+
+
+def test_binary_frame_closes_with_1003():
+    node = MemoryNode()
+    client = node.connect()
+    client.send_frame(0x2, b"\x00\x01")
+    assert close_codes(client) == [1003]
+    assert len(node.hub) == 0
+
+
+def test_oversized_frame_closes_with_1009():
+    node = MemoryNode(max_frame_size=1024)
+    client = node.connect()
+    client.send("x" * 2000)
+    assert close_codes(client) == [1009]
+
+
+def test_invalid_utf8_closes_with_1007():
+    node = MemoryNode()
+    client = node.connect()
+    client.send_frame(OP_TEXT, b'{"op":"ping","id":"\xff"}')
+    assert close_codes(client) == [1007]
+
+
+def test_a_flood_of_bad_frames_closes_with_1008_and_a_trickle_does_not():
+    node = MemoryNode(bad_frame_limit=5)
+    patient = node.connect()
+    for _ in range(5):
+        patient.send("{")
+        node.clock.advance(61)
+    assert close_codes(patient) == []
+    flooder = node.connect()
+    for _ in range(6):
+        flooder.send("{")
+    assert close_codes(flooder) == [1008]
+    assert node.hub.pruned["bad_frames"] == 1
+
+
+def test_other_clients_are_untouched_by_a_bad_one():
+    node = MemoryNode(bad_frame_limit=1)
+    good, bad = node.connect(), node.connect()
+    good.request({"op": "subscribe", "topics": ["A"]})
+    bad.request({"op": "subscribe", "topics": ["A"]})
+    bad.send("{")
+    bad.send("{")
+    bad.send_frame(0x2, b"x")
+    node.publish("A", b"1")
+    assert good.messages() == [{"topic": "A", "data": 1}]
+
+
+def test_slow_consumer_is_dropped_counted_and_unindexed():
+    node = MemoryNode(high_water_mark=4096)
+    slow, fast = node.connect(), node.connect()
+    for c in (slow, fast):
+        c.request({"op": "subscribe", "topics": ["A"]})
+    slow.protocol.pauseProducing()
+    for _ in range(3):
+        node.publish("A", b'"' + b"x" * 2000 + b'"')
+    assert node.hub.pruned["slow_consumer"] == 1
+    assert slow.transport.disconnecting
+    assert node.hub.subscriber_count("A") == 1
+    assert len(fast.messages()) == 3
+
+
+def test_paused_then_resumed_consumer_is_kept():
+    node = MemoryNode(high_water_mark=4096)
+    client = node.connect()
+    client.request({"op": "subscribe", "topics": ["A"]})
+    client.protocol.pauseProducing()
+    node.publish("A", b'"' + b"x" * 3000 + b'"')
+    client.protocol.resumeProducing()
+    node.publish("A", b'"' + b"x" * 3000 + b'"')
+    assert node.hub.pruned["slow_consumer"] == 0
+    assert len(client.messages()) == 2
+
+
+def test_failing_write_drops_the_connection():
+    node = MemoryNode()
+    client = node.connect()
+    client.request({"op": "subscribe", "topics": ["A"]})
+
+    def broken(data):
+        raise OSError("broken pipe")
+
+    client.transport.write = broken
+    node.publish("A", b"1")
+    assert node.hub.pruned["write_failed"] == 1
+    assert node.hub.subscriber_count("A") == 0
+
+
+def test_missed_pongs_drop_the_connection():
+    node = MemoryNode(ping_interval=2, ping_timeout=3)
+    lively, silent = node.connect(), node.connect()
+    silent.request({"op": "subscribe", "topics": ["A"]})
+    for _ in range(10):
+        node.clock.advance(0.5)
+        for frame in lively.frames():
+            if frame.opcode == OP_PING:
+                lively.send_frame(0xA, frame.payload)
+    assert node.hub.pruned["ping_timeout"] == 1
+    assert silent.transport.disconnecting
+    assert node.hub.connection(lively.conn_id) is lively.protocol
+
+
+def test_peer_vanishing_removes_it_and_reports_to_the_observer():
+    observer = RecordingObserver()
+    node = MemoryNode(observer=observer)
+    client = node.connect()
+    client.request({"op": "subscribe", "topics": ["A"]})
+    client.disconnect()
+    assert len(node.hub) == 0 and node.hub.topic_count() == 0
+    assert observer.events == [("opened", client.conn_id), ("subscribed", client.conn_id, ("A",)),
+                               ("closed", client.conn_id)]
+
+
+def test_authorize_hook_refuses_the_whole_frame_with_forbidden():
+    seen = []
+
+    def authorize(request, topic):
+        seen.append((request.path, topic))
+        return topic.startswith("public.")
+
+    node = MemoryNode(hooks=Hooks(authorize=authorize))
+    client = node.connect()
+    [reply] = client.request({"op": "subscribe", "topics": ["public.a", "secret.b"], "id": 4})
+    assert reply["code"] == "forbidden" and reply["topics"] == ["secret.b"] and reply["id"] == 4
+    assert node.hub.subscriber_count("public.a") == 0
+    assert client.request({"op": "subscribe", "topics": ["public.a"]}) == [
+        {"op": "subscribed", "topics": ["public.a"]}]
+    assert ("/ws", "secret.b") in seen
+
+
+def test_authorize_hook_that_raises_refuses_with_internal_error():
+    def authorize(request, topic):
+        raise RuntimeError("database down")
+
+    node = MemoryNode(hooks=Hooks(authorize=authorize))
+    client = node.connect()
+    [reply] = client.request({"op": "subscribe", "topics": ["A"]})
+    assert reply["code"] == "internal_error"
+    assert client.request({"op": "ping"}) == [{"op": "pong"}]
+
+
+def test_commands_wait_for_a_pending_authorization_and_keep_their_order():
+    pending = []
+
+    class ManualTasks:
+        def run(self, f, *args):
+            d = defer.Deferred()
+            pending.append((d, f, args))
+            return d
+
+    node = MemoryNode(hooks=Hooks(authorize=lambda request, topic: True))
+    node.factory.tasks = ManualTasks()
+    client = node.connect()
+    client.send({"op": "subscribe", "topics": ["A"], "id": 1})
+    client.send({"op": "unsubscribe", "topics": ["A"], "id": 2})
+    client.send({"op": "ping", "id": 3})
+    assert client.messages() == []
+    d, f, args = pending.pop()
+    d.callback(f(*args))
+    assert [m["id"] for m in client.messages()] == [1, 2, 3]
+    assert node.hub.subscriber_count("A") == 0
+
+
+def test_authorization_that_finishes_after_close_subscribes_nothing():
+    pending = []
+
+    class ManualTasks:
+        def run(self, f, *args):
+            d = defer.Deferred()
+            pending.append((d, f, args))
+            return d
+
+    node = MemoryNode(hooks=Hooks(authorize=lambda request, topic: True))
+    node.factory.tasks = ManualTasks()
+    client = node.connect()
+    client.send({"op": "subscribe", "topics": ["A"]})
+    client.disconnect()
+    d, f, args = pending.pop()
+    d.callback(f(*args))
+    assert node.hub.subscriber_count("A") == 0
+
+
+def test_close_all_sends_1001_and_fires_when_clients_answer():
+    node = MemoryNode()
+    a, b = node.connect(), node.connect()
+    done = node.factory.close_all("server shutting down", timeout=5)
+    assert close_codes(a) == [1001] and close_codes(b) == [1001]
+    assert not done.called
+    a.disconnect()
+    b.disconnect()
+    assert done.called
+
+
+def test_close_all_gives_up_after_the_timeout():
+    node = MemoryNode()
+    client = node.connect()
+    done = node.factory.close_all("bye", timeout=5)
+    node.clock.advance(5)
+    assert done.called
+    assert client.transport.disconnecting
