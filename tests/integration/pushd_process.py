@@ -1,0 +1,191 @@
+"""Run a real `twistd -n pushd` process for integration tests, and connect real wss:// clients to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from websockets.sync.client import ClientConnection, connect
+
+from pushd.tls import ensure_localhost_certificate
+
+ROOT = Path(__file__).resolve().parents[2]
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+READY = re.compile(r"pushd ready: node (\S+), WebSocket at (.+), Redis")
+
+
+def python_env() -> dict[str, str]:
+    """The environment for child processes: this interpreter, with the repository importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class PushdProcess:
+    """One pushd node on 127.0.0.1 with a TLS listener on a free port (port 0)."""
+
+    def __init__(self, workdir: Path, *args: str, redis: str | None = None, node_id: str | None = None,
+                 tls: bool = True, listen: bool = True) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = ensure_localhost_certificate(str(self.workdir / "certs"))
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", str(self.workdir / "twistd.pid"), "pushd"]
+        if not listen:
+            pass
+        elif tls:
+            argv += ["--listen", f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"]
+        else:
+            argv += ["--listen", "tcp:0:interface=127.0.0.1"]
+        if redis:
+            argv += ["--redis", redis]
+        if node_id:
+            argv += ["--node-id", node_id]
+        self.argv = argv + list(args)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.node_id = ""
+
+    def start(self, timeout: float = 30) -> PushdProcess:
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_for(READY, timeout)
+        match = READY.search(line)
+        assert match is not None
+        self.node_id, self.url = match.group(1), match.group(2).split()[0]
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 20) -> str:
+        """The first new log line matching `pattern`; fails with the log so far if none comes in time."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no log line matching {regex.pattern!r} within {timeout}s:\n" + self.log)
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"pushd exited before logging {regex.pattern!r}:\n" + self.log)
+            self.lines.append(line)
+            if regex.search(line):
+                return line
+
+    def drain(self) -> None:
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:
+                return
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: the orderly shutdown."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        self._drain_after_exit()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: a crash that leaves its state behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def _drain_after_exit(self) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                return
+            self.lines.append(line)
+
+    def client(self, timeout: float = 10) -> Client:
+        context = ssl.create_default_context(cafile=self.cert)
+        return Client(connect(self.url, ssl=context if self.url.startswith("wss") else None,
+                              open_timeout=timeout, close_timeout=5, max_size=2**22, legacy=True))
+
+    def __enter__(self) -> PushdProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_pushd(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `twistd -n pushd ARGS` to completion (for start-up failures); output is stdout and stderr merged."""
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", str(Path(cwd) / "twistd.pid"), "pushd", *args]
+    return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the `pushd` console command (stats, publish)."""
+    argv = [sys.executable, "-c", "from pushd.cli import main; main()", *args]
+    return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Client:
+    """A blocking WebSocket client speaking pushd's JSON protocol."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    def send(self, message: object) -> None:
+        self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+    def recv(self, timeout: float = 10) -> dict:
+        return json.loads(self.ws.recv(timeout))
+
+    def request(self, message: object, timeout: float = 10) -> dict:
+        self.send(message)
+        return self.recv(timeout)
+
+    def subscribe(self, *topics: str) -> dict:
+        reply = self.request({"op": "subscribe", "topics": list(topics)})
+        assert reply == {"op": "subscribed", "topics": list(topics)}, reply
+        return reply
+
+    def close(self) -> None:
+        self.ws.close()
