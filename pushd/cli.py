@@ -40,13 +40,13 @@ class PublishOptions(_Common):
     synopsis = "[options] TOPIC DATA"
     optFlags = [["raw", None, "Send DATA as it is, even if it is not JSON (subscribers get a JSON string)."]]
 
-    def parseArgs(self, topic: str, data: str) -> None:
+    def parseArgs(self, topic: str, data: str) -> None:  # type: ignore[override]
         self["topic"] = topic
         self["data"] = data
 
 
 class StatsOptions(_Common):
-    optParameters = [["top", None, 20, "Show the N topics with the most subscribers.", int]]
+    optParameters: list[list[Any]] = [["top", None, 20, "Show the N topics with the most subscribers.", int]]
     optFlags = [["json", None, "Print JSON instead of a table."]]
 
 

@@ -7,13 +7,21 @@ block the reactor and never touch reactor state from a worker thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
+
+
+class TaskRunner(Protocol):
+    """What callers need of a task pool; tests substitute one that runs inline."""
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Run `f(*args, **kwargs)` off the reactor; the result arrives on the reactor thread."""
+        raise NotImplementedError
 
 
 class TaskPool(Service):

@@ -92,13 +92,23 @@ def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
     return frames, data
 
 
+class _Transport(StringTransport):
+    """StringTransport that, like Twisted's socket and TLS transports, lets a missing producer be unregistered."""
+
+    def unregisterProducer(self) -> None:
+        if self.producer is not None:
+            super().unregisterProducer()
+
+
 class MemoryClient:
     """One client connection to a `MemoryNode`, driven by hand."""
 
     def __init__(self, node: MemoryNode, path: str = "/ws", port: int = 40000) -> None:
         self.node = node
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        self.protocol: PushConnection = node.factory.buildProtocol(self.transport.getPeer())
+        self.transport = _Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        protocol = node.factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(protocol, PushConnection)
+        self.protocol: PushConnection = protocol
         self.protocol.makeConnection(self.transport)
         key = base64.b64encode(os.urandom(16)).decode()
         self.protocol.dataReceived(
@@ -107,12 +117,12 @@ class MemoryClient:
         raw = self.transport.value()
         head, _, rest = raw.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1]) if head else 0
-        self._buffer = rest if self.status == 101 else b""
+        self._buffer: bytes = rest if self.status == 101 else b""
         self.transport.clear()
 
     @property
     def conn_id(self) -> str:
-        return self.protocol.conn_id
+        return str(self.protocol.conn_id)
 
     def send_frame(self, opcode: int, payload: bytes) -> None:
         frame = PreparedMessage(payload, opcode == OP_BINARY, True, True).payloadHybi
@@ -168,13 +178,13 @@ class MemoryNode:
     def __post_init__(self) -> None:
         self.clock = MemoryReactorClock()
         txaio.use_twisted()
-        txaio.config.loop = self.clock
+        txaio.config.loop = self.clock  # type: ignore[attr-defined]
         self.hub = Hub(self.observer)
         self.factory = PushFactory(
             clock=self.clock, hub=self.hub, node_id=self.node_id, ws_path="/ws", limits=self.limits,
             max_frame_size=self.max_frame_size, high_water_mark=self.high_water_mark,
             bad_frame_limit=self.bad_frame_limit, ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout, tasks=InlineTasks(),  # type: ignore[arg-type]
+            ping_timeout=self.ping_timeout, tasks=InlineTasks(),
             hooks=self.hooks)
 
     def connect(self, path: str = "/ws") -> MemoryClient:

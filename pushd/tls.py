@@ -186,8 +186,8 @@ def default_listen(cert_dir: str, port: int = 8443) -> str:
     and a cert dir containing them would otherwise be split into bogus arguments.
     """
     key_path, cert_path = certificate_paths(cert_dir)
-    quoted_key: str = quoteStringArgument(key_path)  # type: ignore[no-untyped-call]
-    quoted_cert: str = quoteStringArgument(cert_path)  # type: ignore[no-untyped-call]
+    quoted_key: str = quoteStringArgument(key_path)
+    quoted_cert: str = quoteStringArgument(cert_path)
     return f"ssl:{port}:privateKey={quoted_key}:certKey={quoted_cert}"
 
 

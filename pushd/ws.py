@@ -21,7 +21,7 @@ from pushd import protocol
 from pushd.hooks import Hooks
 from pushd.hub import Hub
 from pushd.protocol import Command, Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
-from pushd.tasks import TaskPool
+from pushd.tasks import TaskRunner
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -50,7 +50,10 @@ class PushConnection(WebSocketServerProtocol):
         self.topics: set[str] = set()
         self._bad_frames = 0
         self._bad_window_start = 0.0
-        self.transport.registerProducer(self, True)
+        transport: Any = self.transport
+        # Bound once: the hot path writes through it without attribute lookups.
+        self._transport_write: Callable[[bytes], None] = transport.write
+        transport.registerProducer(self, True)
         self.factory.hub.add(self)
 
     # -- IPushProducer: the transport tells us when its buffer is full ---------------------------------
@@ -76,7 +79,7 @@ class PushConnection(WebSocketServerProtocol):
                 return False
             self._backlog = backlog
         try:
-            self.transport.write(data)
+            self._transport_write(data)
         except Exception:
             self.drop("write_failed")
             return False
@@ -126,7 +129,7 @@ class PushConnection(WebSocketServerProtocol):
         # Later frames wait until this one is decided, so a client's commands keep their order.
         self._pending = deque()
         d = self.factory.tasks.run(_refused_topics, authorize, self._request, command.topics)
-        d.addCallbacks(self._authorized, self._authorize_failed, (command,), None, (command,), None)
+        d.addCallbacks(self._authorized, self._authorize_failed, callbackArgs=(command,), errbackArgs=(command,))
         d.addBoth(self._resume_pending)
 
     def _authorized(self, refused: list[str], command: Subscribe) -> None:
@@ -195,13 +198,13 @@ def _refused_topics(authorize: Callable[[Any, str], bool], request: Any, topics:
 class PushFactory(WebSocketServerFactory):
     """What all connections of a node share: the hub, the limits, the task pool and the hooks."""
 
-    protocol = PushConnection
+    protocol = PushConnection  # type: ignore[assignment]
     log = Logger()
     noisy = False
 
     def __init__(self, *, clock: Any, hub: Hub, node_id: str, ws_path: str, limits: Limits,
                  max_frame_size: int, high_water_mark: int, bad_frame_limit: int, ping_interval: int,
-                 ping_timeout: int, tasks: TaskPool | None, hooks: Hooks, server: str = "pushd") -> None:
+                 ping_timeout: int, tasks: TaskRunner, hooks: Hooks, server: str = "pushd") -> None:
         super().__init__(server=server)
         self.clock = clock
         self.hub = hub

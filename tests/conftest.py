@@ -26,3 +26,13 @@ def redis_server(redis_binary: str) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_pushd_left_running() -> Iterator[None]:
+    """A test that fails half-way must not leave its pushd processes behind."""
+    from tests.integration.pushd_process import RUNNING
+
+    yield
+    while RUNNING:
+        RUNNING.pop().kill()

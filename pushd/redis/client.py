@@ -13,7 +13,7 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from pushd.redis.target import RedisTarget
@@ -62,11 +62,11 @@ class SentinelMasterProtocol(txredisapi.RedisProtocol):
         return txredisapi.RedisProtocol.connectionMade(self)
 
 
-def client_endpoint(reactor: Any, target: RedisTarget, timeout: int) -> IStreamClientEndpoint:
+def client_endpoint(reactor: Any, target: RedisTarget, timeout: int) -> Any:
     """The Twisted endpoint for a non-Sentinel target."""
     if target.scheme == "unix":
         return endpoints.UNIXClientEndpoint(reactor, target.path, timeout=timeout)
-    tcp = endpoints.HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
+    tcp: Any = endpoints.HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
     if target.scheme == "rediss":
         return endpoints.wrapClientTLS(ssl.optionsForClientTLS(target.host), tcp)
     return tcp
@@ -132,7 +132,7 @@ class RedisLink:
         return d.addTimeout(seconds, self._clock).addErrback(timed_out)
 
     def disconnect(self) -> defer.Deferred[Any]:
-        d = self.factory.disconnect()
+        d: defer.Deferred[Any] = self.factory.disconnect()
         if self._sentinel is not None:
             d.addBoth(lambda _: self._sentinel.disconnect())
         return d

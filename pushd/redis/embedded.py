@@ -252,7 +252,7 @@ class EmbeddedRedis:
         process = self._process
         assert process is not None
         deadline = self._reactor.seconds() + self.startup_timeout
-        endpoint = UNIXClientEndpoint(self._reactor, socket_path, timeout=1)  # type: ignore[no-untyped-call]
+        endpoint = UNIXClientEndpoint(self._reactor, socket_path, timeout=1)
         while True:
             if process.ended or self._stopping is not None:
                 why = "was stopped" if self._stopping is not None else f"exited ({_exit_text(process.reason)})"
@@ -277,7 +277,7 @@ class EmbeddedRedis:
     async def _ping(self, endpoint: UNIXClientEndpoint, timeout: float) -> bool:
         ping = _Ping()
         try:
-            await endpoint.connect(_PingFactory(ping))  # type: ignore[no-untyped-call]
+            await endpoint.connect(_PingFactory(ping))
             answer = await ping.answer.addTimeout(timeout, self._reactor)
         except (error.ConnectError, error.ConnectionClosed, defer.TimeoutError, defer.CancelledError, OSError):
             if ping.transport is not None:
@@ -292,7 +292,7 @@ class EmbeddedRedis:
             try:
                 await process.when_ended().addTimeout(STOP_TIMEOUT, self._reactor)
             except defer.TimeoutError:
-                log.warn(  # noqa: G010 (twisted.logger.Logger has no .warning)
+                log.warn(
                     "redis-server (pid {pid}) ignored SIGTERM for {seconds:g} s; sending SIGKILL",
                     pid=self.pid, seconds=STOP_TIMEOUT,
                 )

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 from websockets.sync.client import ClientConnection, connect
 
@@ -20,13 +21,15 @@ from pushd.tls import ensure_localhost_certificate
 
 ROOT = Path(__file__).resolve().parents[2]
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+#: Every node a test started; tests/conftest.py kills the ones a failing test left running.
+RUNNING: list[PushdProcess] = []
 READY = re.compile(r"pushd ready: node (\S+), WebSocket at (.+), Redis")
 
 
-def python_env() -> dict[str, str]:
-    """The environment for child processes: this interpreter, with the repository importable."""
+def python_env(*paths: str) -> dict[str, str]:
+    """The environment for child processes: this interpreter, with the repository (and `paths`) importable."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), *paths, env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -35,7 +38,7 @@ class PushdProcess:
     """One pushd node on 127.0.0.1 with a TLS listener on a free port (port 0)."""
 
     def __init__(self, workdir: Path, *args: str, redis: str | None = None, node_id: str | None = None,
-                 tls: bool = True, listen: bool = True) -> None:
+                 tls: bool = True, listen: bool = True, pythonpath: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key, self.cert = ensure_localhost_certificate(str(self.workdir / "certs"))
@@ -51,14 +54,16 @@ class PushdProcess:
         if node_id:
             argv += ["--node-id", node_id]
         self.argv = argv + list(args)
+        self.pythonpath = pythonpath
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.proc: subprocess.Popen[str] | None = None
+        RUNNING.append(self)
         self.url = ""
         self.node_id = ""
 
-    def start(self, timeout: float = 30) -> PushdProcess:
-        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(), stdin=subprocess.DEVNULL,
+    def start(self, timeout: float = 30) -> Self:
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(*self.pythonpath), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         line = self.wait_for(READY, timeout)
@@ -141,11 +146,14 @@ class PushdProcess:
             self.lines.append(line)
 
     def client(self, timeout: float = 10) -> Client:
-        context = ssl.create_default_context(cafile=self.cert)
-        return Client(connect(self.url, ssl=context if self.url.startswith("wss") else None,
-                              open_timeout=timeout, close_timeout=5, max_size=2**22, legacy=True))
+        # The certificate names localhost; connect to 127.0.0.1 itself, where the node listens, so that a
+        # resolver preferring ::1 cannot send the client elsewhere.
+        url = self.url.replace("//localhost:", "//127.0.0.1:")
+        tls = {"ssl": ssl.create_default_context(cafile=self.cert), "server_hostname": "localhost"} \
+            if url.startswith("wss") else {}
+        return Client(connect(url, open_timeout=timeout, close_timeout=5, max_size=2**22, legacy=True, **tls))
 
-    def __enter__(self) -> PushdProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -155,14 +163,14 @@ class PushdProcess:
 def run_pushd(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `twistd -n pushd ARGS` to completion (for start-up failures); output is stdout and stderr merged."""
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", str(Path(cwd) / "twistd.pid"), "pushd", *args]
-    return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=False,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def run_cli(cwd: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run the `pushd` console command (stats, publish)."""
     argv = [sys.executable, "-c", "from pushd.cli import main; main()", *args]
-    return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, capture_output=True,
+    return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, capture_output=True, check=False,
                           text=True, timeout=timeout)
 
 

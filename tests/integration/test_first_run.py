@@ -37,7 +37,7 @@ def test_defaults_embedded_redis_generated_certificate_publish_and_stats(tmp_pat
         stats = run_cli(tmp_path, "stats")
         assert stats.returncode == 0, stats.stderr
         assert "connections: 1" in stats.stdout
-        assert re.search(r"^AAPL\s+1$", stats.stdout, re.M)
+        assert re.search(r"^AAPL\s+1$", stats.stdout, re.MULTILINE)
 
         bad = run_cli(tmp_path, "publish", "AAPL", "{not json")
         assert bad.returncode == 1 and "DATA is not valid JSON" in bad.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -127,3 +128,18 @@ def test_redis_restart_mid_run_delivery_resumes_without_reconnects(tmp_path, red
         # the node rewrote its membership into the empty Redis
         eventually(lambda: r.smembers("pushd:topic:AAPL") == {"n1:1"})
         assert client.request({"op": "ping", "id": 5}) == {"op": "pong", "id": 5}
+
+
+def test_hooks_module_authorizes_and_rewrites(tmp_path, redis_server):
+    examples = str(Path(__file__).resolve().parents[2] / "docs" / "examples")
+    r = redis_server.client()
+    with PushdProcess(tmp_path, "--hooks", "pushd_hooks_example", redis=redis_server.url,
+                      pythonpath=(examples,)) as node:
+        client = node.client()
+        client.subscribe("AAPL")
+        refused = client.request({"op": "subscribe", "topics": ["admin.panel"], "id": 3})
+        assert refused["code"] == "forbidden" and refused["id"] == 3
+        r.publish("push:AAPL", '{"internal":true}')
+        r.publish("push:AAPL", '{"price":1}')
+        message = client.recv()
+        assert message["data"]["price"] == 1 and "ts" in message["data"]

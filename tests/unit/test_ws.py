@@ -143,7 +143,7 @@ def test_failing_write_drops_the_connection():
     def broken(data):
         raise OSError("broken pipe")
 
-    client.transport.write = broken
+    client.protocol._transport_write = broken
     node.publish("A", b"1")
     assert node.hub.pruned["write_failed"] == 1
     assert node.hub.subscriber_count("A") == 0
