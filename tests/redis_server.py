@@ -61,8 +61,9 @@ class RedisServer:
     """
 
     def __init__(self, binary: str | None = None, port: int | None = None,
-                 startup_timeout: float = STARTUP_TIMEOUT) -> None:
+                 startup_timeout: float = STARTUP_TIMEOUT, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = binary or redis_server_binary()
+        self.extra_args = extra_args
         self.host = "127.0.0.1"
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
@@ -100,8 +101,7 @@ class RedisServer:
     def _start_once(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="pushd-test-redis-")
         log_path = os.path.join(self.directory, "redis.log")
-        args = [
-            self.binary,
+        args = [*self._command(self.directory),
             "--port", str(self.port),
             "--bind", self.host,
             "--save", "",
@@ -109,6 +109,7 @@ class RedisServer:
             "--dir", self.directory,
             "--daemonize", "no",
             "--loglevel", "warning",
+            *self.extra_args,
         ]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -126,6 +127,9 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING on port {self.port} within {self.startup_timeout} s: "
                            f"{output}")
+
+    def _command(self, directory: str) -> list[str]:
+        return [self.binary]
 
     def _output(self) -> str:
         if self.directory is None:
@@ -186,3 +190,24 @@ class RedisServer:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
         return f"<RedisServer {self.url} {state}>"
+
+
+class SentinelServer(RedisServer):
+    """A Redis Sentinel watching one master (`master_name` at `master_port`), quorum 1, quick failover."""
+
+    def __init__(self, master_port: int, master_name: str = "mymaster", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.master_port = master_port
+        self.master_name = master_name
+
+    def _command(self, directory: str) -> list[str]:
+        conf = os.path.join(directory, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write(f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 1\n"
+                    f"sentinel down-after-milliseconds {self.master_name} 1000\n"
+                    f"sentinel failover-timeout {self.master_name} 5000\n")
+        return [self.binary, conf, "--sentinel"]
+
+    def master(self) -> tuple[str, int]:
+        host, port = self.client().execute_command("SENTINEL", "get-master-addr-by-name", self.master_name)
+        return host, int(port)

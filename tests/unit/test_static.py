@@ -13,7 +13,8 @@ def run(*argv: str) -> subprocess.CompletedProcess:
 
 
 def test_ruff_is_clean():
-    result = run("ruff", "check", "pushd", "tests", "bench", "twisted", "docs")
+    trees = [name for name in ("pushd", "tests", "bench", "twisted", "docs") if (ROOT / name).is_dir()]
+    result = run("ruff", "check", *trees)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
