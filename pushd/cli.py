@@ -125,7 +125,7 @@ def read_stats(reactor: Any, server: Server) -> Any:
             connections = yield link.call("scard", keys.node(node))
             info = json.loads(heartbeat) if heartbeat else {}
             nodes.append({"node": node, "alive": heartbeat is not None, "connections": int(connections),
-                          "pid": info.get("pid"), "urls": info.get("urls", [])})
+                          "pid": info.get("pid"), "urls": info.get("urls", []), "dropped": info.get("pruned", {})})
         topics = {}
         for topic in (yield link.call("smembers", keys.topics)):
             topics[topic] = int((yield link.call("scard", keys.topic(topic))))
@@ -137,10 +137,11 @@ def read_stats(reactor: Any, server: Server) -> Any:
 def format_stats(stats: dict[str, Any], top: int) -> str:
     lines = [(f"nodes: {len(stats['nodes'])}   connections: {stats['connections']}   "
              f"topics: {len(stats['topics'])}   subscriptions: {sum(stats['topics'].values())}"), ""]
-    lines.append(f"{'NODE':<32} {'STATE':<6} {'CONNECTIONS':>11}  URLS")
+    lines.append(f"{'NODE':<32} {'STATE':<6} {'CONNECTIONS':>11} {'DROPPED':>8}  URLS")
     for node in stats["nodes"]:
         state = "alive" if node["alive"] else "dead"
-        lines.append(f"{node['node']:<32} {state:<6} {node['connections']:>11}  {' '.join(node['urls'])}")
+        dropped = sum(node["dropped"].values())
+        lines.append(f"{node['node']:<32} {state:<6} {node['connections']:>11} {dropped:>8}  {' '.join(node['urls'])}")
     ranked = sorted(stats["topics"].items(), key=lambda item: (-item[1], item[0]))
     lines += ["", f"{'TOPIC':<32} {'SUBSCRIBERS':>11}"]
     lines += [f"{topic:<32} {count:>11}" for topic, count in ranked[:top]]

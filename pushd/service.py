@@ -144,6 +144,7 @@ class PushdService(MultiService):
                 raise StartupError(f"listen: cannot listen on {description!r}: {_reason(e)}") from None
             self.ports.append(port)
             self.urls.append(self._url(description, port))
+        yield self.state.register()
         self._write_runtime_file(target.url())
         self.log.info("pushd ready: node {node}, WebSocket at {urls}, Redis {redis}", node=self.node_id,
                       urls=" ".join(self.urls), redis=target.display)

@@ -243,7 +243,7 @@ class NodeState:
     def start(self) -> Any:
         """Start-up: remove an earlier run's state and dead nodes' state, then register and heartbeat."""
         yield self.resync()
-        yield self._register()
+        yield self.register()
         yield self.reap()
         self._heartbeat.start(self._heartbeat_interval, now=False).addErrback(
             lambda f: self.log.failure("heartbeat loop stopped", f))
@@ -260,7 +260,8 @@ class NodeState:
         yield self._redis.call("srem", self.keys.nodes, self.node_id)
 
     @defer.inlineCallbacks
-    def _register(self) -> Any:
+    def register(self) -> Any:
+        """Refresh this node's heartbeat record (with what `info` says now) and its entry in the node set."""
         info = dict(self._info(), node=self.node_id, time=time.time())
         yield self._redis.call("set", self.keys.heartbeat(self.node_id), json.dumps(info),
                                expire=self._heartbeat_ttl)
@@ -269,7 +270,7 @@ class NodeState:
     @defer.inlineCallbacks
     def _beat(self) -> Any:
         try:
-            yield self._register()
+            yield self.register()
             if self._mode is OFFLINE and not self._stopped:
                 yield self.resync()
             yield self.reap()

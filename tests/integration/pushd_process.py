@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from websockets.sync.client import ClientConnection, connect
 
@@ -158,6 +158,32 @@ class PushdProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> Any:
+    """Poll `check` until it returns a truthy value; bounded by `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
+        time.sleep(interval)
+
+
+def publish_until_delivered(client: Client, redis_client: Any, topic: str, payload: str,
+                            timeout: float = 20) -> dict:
+    """Publish again and again until `client` receives a message (after a fault); returns that message."""
+
+    def delivered() -> dict | None:
+        redis_client.publish(f"push:{topic}", payload)
+        try:
+            return client.recv(timeout=0.3)
+        except TimeoutError:
+            return None
+
+    return eventually(delivered, timeout)
 
 
 def run_pushd(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

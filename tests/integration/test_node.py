@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.integration.pushd_process import PushdProcess
-
-
-def eventually(check, timeout: float = 15, interval: float = 0.1):
-    """Poll `check` until it returns a truthy value; bounded by `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
-        time.sleep(interval)
+from tests.integration.pushd_process import PushdProcess, eventually, publish_until_delivered
 
 
 def node_keys(r, prefix: str = "pushd:") -> dict:
@@ -117,14 +104,7 @@ def test_redis_restart_mid_run_delivery_resumes_without_reconnects(tmp_path, red
         r = redis_server.client()
         node.wait_for("listening for Redis messages", timeout=30)
 
-        def delivered():
-            r.publish("push:AAPL", '{"n":1}')
-            try:
-                return client.recv(timeout=0.3)
-            except TimeoutError:
-                return None
-
-        assert eventually(delivered, timeout=20) == {"topic": "AAPL", "data": {"n": 1}}
+        assert publish_until_delivered(client, r, "AAPL", '{"n":1}') == {"topic": "AAPL", "data": {"n": 1}}
         # the node rewrote its membership into the empty Redis
         eventually(lambda: r.smembers("pushd:topic:AAPL") == {"n1:1"})
         assert client.request({"op": "ping", "id": 5}) == {"op": "pong", "id": 5}

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tests.integration.pushd_process import PushdProcess
-from tests.integration.test_node import eventually
+from tests.integration.pushd_process import PushdProcess, eventually, publish_until_delivered
 from tests.redis_server import RedisServer, SentinelServer
 
 
@@ -24,12 +23,6 @@ def test_delivery_follows_the_master_through_a_sentinel_failover(tmp_path, redis
                 eventually(lambda: sentinel.master()[1] == replica.port, timeout=30)
                 new_master = replica.client()
 
-                def delivered():
-                    new_master.publish("push:AAPL", '{"n":2}')
-                    try:
-                        return client.recv(timeout=0.3)
-                    except TimeoutError:
-                        return None
-
-                assert eventually(delivered, timeout=30) == {"topic": "AAPL", "data": {"n": 2}}
+                assert publish_until_delivered(client, new_master, "AAPL", '{"n":2}', timeout=30) == {
+                    "topic": "AAPL", "data": {"n": 2}}
                 eventually(lambda: new_master.smembers("pushd:topic:AAPL") == {"s1:1"}, timeout=15)
