@@ -72,6 +72,9 @@ class Hub:
         self.pruned: Counter[str] = Counter()
         self.published = 0
         self.delivered = 0
+        #: Batches written by `flush` and the frames they held: their ratio is how much coalescing saves.
+        self.batches = 0
+        self.batched_frames = 0
 
     # -- membership ---------------------------------------------------------------------------------------
 
@@ -149,6 +152,8 @@ class Hub:
         batch, self._batch = self._batch, None
         if not batch:
             return
+        self.batches += 1
+        self.batched_frames += len(batch)
         first_topic = batch[0][0]
         if all(topic == first_topic for topic, _ in batch):
             subscribers = self._topics.get(first_topic)

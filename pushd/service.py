@@ -158,8 +158,10 @@ class PushdService(MultiService):
         return f"{scheme}://{host}:{getattr(address, 'port', '')}{self.config.ws_path}"
 
     def _info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "urls": self.urls, "connections": len(self.hub),
-                "pruned": dict(self.hub.pruned)}
+        hub = self.hub
+        return {"pid": os.getpid(), "urls": self.urls, "connections": len(hub), "pruned": dict(hub.pruned),
+                "published": hub.published, "delivered": hub.delivered, "batches": hub.batches,
+                "batched_frames": hub.batched_frames, "dropped_messages": self.dropped_messages}
 
     def _write_runtime_file(self, redis_url: str) -> None:
         info = {"pid": os.getpid(), "node_id": self.node_id, "redis": redis_url, "urls": self.urls,

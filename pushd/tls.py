@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -21,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 log = Logger()
 
@@ -213,3 +215,20 @@ def release_tls_buffers(endpoint: object) -> bool:
         return False
     mode: int = context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return bool(mode & SSL.MODE_RELEASE_BUFFERS)
+
+
+def direct_writer(transport: Any) -> Callable[[bytes], None]:
+    """The cheapest correct way to write application bytes to `transport`, TLS or not.
+
+    Twisted's TLS transport holds every small write until the next reactor iteration, at the price of one
+    `callLater` per write. pushd already gives each connection one write per Redis read, so for its connections
+    that aggregation is pure overhead on the hot path (measured in docs/performance.md). This switches it off
+    for the connection, for every writer alike (Autobahn's replies included), so the order of bytes is kept.
+    """
+    tls = getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else None
+    if isinstance(tls, BufferingTLSTransport):
+        write: Callable[[bytes], None] = TLSMemoryBIOProtocol.write.__get__(tls)
+        tls.write = write  # type: ignore[method-assign]
+        return write
+    plain: Callable[[bytes], None] = transport.write
+    return plain

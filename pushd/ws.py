@@ -22,6 +22,7 @@ from pushd.hooks import Hooks
 from pushd.hub import Hub
 from pushd.protocol import Command, Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
 from pushd.tasks import TaskRunner
+from pushd.tls import direct_writer
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -52,7 +53,7 @@ class PushConnection(WebSocketServerProtocol):
         self._bad_window_start = 0.0
         transport: Any = self.transport
         # Bound once: the hot path writes through it without attribute lookups.
-        self._transport_write: Callable[[bytes], None] = transport.write
+        self._transport_write = direct_writer(transport)
         transport.registerProducer(self, True)
         self.factory.hub.add(self)
 

@@ -282,3 +282,49 @@ def test_generated_pair_completes_handshake_over_memory_bios(tmp_path: Path) -> 
     server.send(b"pong")
     _pump(server, client)
     assert client.recv(4) == b"pong"
+
+
+def test_direct_writer_turns_off_small_write_aggregation_for_tls(tmp_path: Path) -> None:
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import PrivateCertificate
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+    from pushd.tls import direct_writer
+
+    class Host:
+        """What pushd's protocol sees as its transport under an ssl: endpoint (twisted.internet._newtls)."""
+
+        TLS = True
+
+        def __init__(self, tls: TLSMemoryBIOProtocol) -> None:
+            self.protocol = tls
+
+        def write(self, data: bytes) -> None:
+            self.protocol.write(data)
+
+    key_path, cert_path = ensure_localhost_certificate(str(tmp_path))
+    with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+        options = PrivateCertificate.loadPEM(cert.read() + key.read()).options()
+    clock = Clock()
+    factory = TLSMemoryBIOFactory(options, False, Factory.forProtocol(Protocol), clock=clock)
+    tls = factory.buildProtocol(None)
+    assert tls is not None
+    tls.makeConnection(StringTransport())
+    write = direct_writer(Host(tls))
+    assert getattr(write, "__func__", None) is TLSMemoryBIOProtocol.write
+    assert getattr(tls.write, "__func__", None) is TLSMemoryBIOProtocol.write
+    write(b"hello")
+    assert clock.getDelayedCalls() == []
+
+
+def test_direct_writer_leaves_plain_transports_alone() -> None:
+    from twisted.internet.testing import StringTransport
+
+    from pushd.tls import direct_writer
+
+    transport = StringTransport()
+    write = direct_writer(transport)
+    write(b"x")
+    assert transport.value() == b"x"
