@@ -28,6 +28,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 BAD_FRAME_WINDOW = 60.0
+_NO_HEADERS: dict[str, str] = {}
 
 
 class PushConnection(WebSocketServerProtocol):
@@ -47,6 +48,11 @@ class PushConnection(WebSocketServerProtocol):
             self._request = request
 
     def onOpen(self) -> None:
+        # The handshake is over: let go of Autobahn's copies of it (request and response bytes, parsed headers),
+        # about 0.6 KiB a connection. An authorize hook still gets the ConnectionRequest kept in onConnect.
+        self.http_request_data = b""
+        self.http_response_data = ""
+        self.http_headers = _NO_HEADERS
         self.conn_id = self.factory.next_conn_id()
         self.topics: set[str] = set()
         self._bad_frames = 0
