@@ -225,7 +225,11 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
     that aggregation is pure overhead on the hot path (measured in docs/performance.md). This switches it off
     for the connection, for every writer alike (Autobahn's replies included), so the order of bytes is kept.
     """
-    tls = getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else None
+    # ssl: endpoints hand the protocol the TLS layer itself; reactor.listenSSL-style ports (twisted.internet._newtls)
+    # hand it a socket transport whose `protocol` is the TLS layer.
+    tls = transport
+    if not isinstance(tls, BufferingTLSTransport) and getattr(transport, "TLS", False):
+        tls = getattr(transport, "protocol", None)
     if isinstance(tls, BufferingTLSTransport):
         write: Callable[[bytes], None] = TLSMemoryBIOProtocol.write.__get__(tls)
         tls.write = write  # type: ignore[method-assign]

@@ -318,6 +318,15 @@ def test_direct_writer_turns_off_small_write_aggregation_for_tls(tmp_path: Path)
     write(b"hello")
     assert clock.getDelayedCalls() == []
 
+    # what an ssl: endpoint gives the protocol: the TLS layer itself
+    tls = factory.buildProtocol(None)
+    assert tls is not None
+    tls.makeConnection(StringTransport())
+    write = direct_writer(tls)
+    assert getattr(write, "__func__", None) is TLSMemoryBIOProtocol.write
+    write(b"hello")
+    assert clock.getDelayedCalls() == []
+
 
 def test_direct_writer_leaves_plain_transports_alone() -> None:
     from twisted.internet.testing import StringTransport
