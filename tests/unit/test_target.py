@@ -40,3 +40,16 @@ def test_display_hides_the_password_and_url_round_trips():
         target = parse_redis_url(url)
         assert "pw" not in target.display
         assert parse_redis_url(target.url()) == target
+
+
+def test_client_endpoints_per_scheme():
+    from twisted.internet import endpoints
+    from twisted.internet.testing import MemoryReactorClock
+
+    from pushd.redis.client import client_endpoint
+
+    reactor = MemoryReactorClock()
+    assert isinstance(client_endpoint(reactor, parse_redis_url("redis://h:1"), 5), endpoints.HostnameEndpoint)
+    assert isinstance(client_endpoint(reactor, parse_redis_url("unix:///s.sock"), 5), endpoints.UNIXClientEndpoint)
+    tls = client_endpoint(reactor, parse_redis_url("rediss://cache.example:6390"), 5)
+    assert type(tls).__name__ == "_WrapperEndpoint"
