@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,23 @@ def test_hooks_module_authorizes_and_rewrites(tmp_path, redis_server):
         r.publish("push:AAPL", '{"price":1}')
         message = client.recv()
         assert message["data"]["price"] == 1 and "ts" in message["data"]
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_others_keep_up(tmp_path, redis_server):
+    r = redis_server.client()
+    beat = ["--heartbeat-interval", "1", "--heartbeat-ttl", "3", "--high-water-mark", "65536"]
+    with PushdProcess(tmp_path, *beat, redis=redis_server.url, node_id="n1") as node:
+        fast, slow = node.client(), node.client()
+        fast.subscribe("A")
+        slow.subscribe("A")  # from here on, `slow` never reads: its queue, then its socket, fill up
+        payload = json.dumps({"blob": "x" * 40_000})
+        for n in range(400):
+            r.publish("push:A", payload)
+            assert fast.recv()["topic"] == "A", n
+
+        def dropped():
+            heartbeat = r.get("pushd:heartbeat:n1")
+            return heartbeat and json.loads(heartbeat)["pruned"].get("slow_consumer") == 1
+
+        eventually(dropped, timeout=15)
+        assert r.smembers("pushd:topic:A") == {"n1:1"}
