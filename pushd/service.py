@@ -28,7 +28,7 @@ from pushd.redis.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_s
 from pushd.redis.listener import Listener
 from pushd.redis.state import Keys, NodeState
 from pushd.tasks import TaskPool
-from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate, release_tls_buffers
+from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate
 from pushd.ws import PushFactory
 
 
@@ -53,7 +53,6 @@ def listen_endpoints(reactor: Any, config: Config) -> list[tuple[str, Any]]:
             endpoint = endpoints.serverFromString(reactor, description)
         except Exception as e:
             raise ConfigError(f"listen: {description!r}: {_reason(e)}") from None
-        release_tls_buffers(endpoint)
         result.append((description, endpoint))
     return result
 

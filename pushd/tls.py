@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
@@ -191,30 +190,6 @@ def default_listen(cert_dir: str, port: int = 8443) -> str:
     quoted_key: str = quoteStringArgument(key_path)
     quoted_cert: str = quoteStringArgument(cert_path)
     return f"ssl:{port}:privateKey={quoted_key}:certKey={quoted_cert}"
-
-
-def release_tls_buffers(endpoint: object) -> bool:
-    """Set MODE_RELEASE_BUFFERS on a TLS server endpoint's context so idle connections free ~34 KiB each.
-
-    A push server holds many mostly idle connections, and OpenSSL otherwise keeps a read and a write buffer per
-    connection for its whole life. The ``ssl:`` endpoint string has no option for the mode, so this reaches
-    into the SSL4ServerEndpoint that serverFromString returns: its context factory (``_sslContextFactory``,
-    a CertificateOptions) caches the OpenSSL Context it hands to every connection, and a mode set on that
-    cached Context applies to all of them. (CertificateOptions already sets this mode by default; calling this
-    makes the saving explicit and covers other context factories.)
-
-    Returns True if the mode is now set on the context the endpoint will use, False for endpoints that are not
-    TLS (tcp:, unix:, ...) or whose factory does not reuse one Context, where setting it would have no effect.
-    """
-    factory = getattr(endpoint, "_sslContextFactory", None)
-    get_context = getattr(factory, "getContext", None)
-    if not callable(get_context):
-        return False
-    context = get_context()
-    if not isinstance(context, SSL.Context) or get_context() is not context:
-        return False
-    mode: int = context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    return bool(mode & SSL.MODE_RELEASE_BUFFERS)
 
 
 def direct_writer(transport: Any) -> Callable[[bytes], None]:

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger, formatEvent
 
 from pushd import tls
-from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate, release_tls_buffers
+from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate
 
 
 def _later(days: int) -> Callable[[], datetime]:
@@ -188,51 +188,17 @@ def test_default_listen_quotes_paths(tmp_path: Path) -> None:
     assert isinstance(endpoint, SSL4ServerEndpoint)
 
 
-def test_default_listen_endpoint_releases_buffers(tmp_path: Path) -> None:
+def test_default_listen_endpoint_releases_idle_buffers(tmp_path: Path) -> None:
+    # Twisted's CertificateOptions sets MODE_RELEASE_BUFFERS by default; pushd relies on it (docs/performance.md).
     cert_dir = tmp_path / "with:colon"
     ensure_localhost_certificate(str(cert_dir))
 
     endpoint = serverFromString(reactor, default_listen(str(cert_dir), port=0))
 
     assert isinstance(endpoint, SSL4ServerEndpoint)
-    assert release_tls_buffers(endpoint) is True
     context = endpoint._sslContextFactory.getContext()
     assert _current_mode(context) & SSL.MODE_RELEASE_BUFFERS
-
-
-def test_release_tls_buffers_sets_mode_that_was_not_set(tmp_path: Path) -> None:
-    # Twisted's CertificateOptions already sets the mode, so prove the function itself sets it on a context
-    # that starts without it.
-    class CachingFactory:
-        def __init__(self) -> None:
-            self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
-
-        def getContext(self) -> SSL.Context:
-            return self.context
-
-    factory = CachingFactory()
-    assert not _current_mode(factory.context) & SSL.MODE_RELEASE_BUFFERS
-    assert _current_mode(factory.context) == _current_mode(factory.context)  # reading does not change it
-
-    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, factory)) is True
-    assert _current_mode(factory.context) & SSL.MODE_RELEASE_BUFFERS
-
-
-def test_release_tls_buffers_ignores_other_endpoints() -> None:
-    class FreshContextFactory:
-        def getContext(self) -> SSL.Context:
-            return SSL.Context(SSL.TLS_SERVER_METHOD)
-
-    class BrokenFactory:
-        getContext = "not callable"
-
-    assert release_tls_buffers(serverFromString(reactor, "tcp:0")) is False
-    assert release_tls_buffers(object()) is False
-    assert release_tls_buffers(None) is False
-    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, object())) is False
-    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, BrokenFactory())) is False
-    # A factory that makes a new Context each time: the mode could not stick, so say so.
-    assert release_tls_buffers(SSL4ServerEndpoint(reactor, 0, FreshContextFactory())) is False
+    assert _current_mode(context) == _current_mode(context)  # reading the mode does not change it
 
 
 def _pump(source: SSL.Connection, sink: SSL.Connection) -> bool:
@@ -247,7 +213,6 @@ def _pump(source: SSL.Connection, sink: SSL.Connection) -> bool:
 def test_generated_pair_completes_handshake_over_memory_bios(tmp_path: Path) -> None:
     _, cert_path = ensure_localhost_certificate(str(tmp_path / "a:b"))
     endpoint = serverFromString(reactor, default_listen(str(tmp_path / "a:b"), port=0))
-    assert release_tls_buffers(endpoint)
     server = SSL.Connection(endpoint._sslContextFactory.getContext(), None)
     server.set_accept_state()
 
