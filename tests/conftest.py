@@ -36,3 +36,12 @@ def _no_pushd_left_running() -> Iterator[None]:
     yield
     while RUNNING:
         RUNNING.pop().kill()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Make the known handshake stall visible whenever a test had to retry (tests/integration/pushd_process.py)."""
+    from tests.integration.pushd_process import STALLED_HANDSHAKES
+
+    if STALLED_HANDSHAKES:
+        terminalreporter.write_line(f"pushd: {len(STALLED_HANDSHAKES)} wss opening handshake(s) stalled and were "
+                                    "retried (known open defect, see tests/integration/pushd_process.py)")

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 #: Every node a test started; tests/conftest.py kills the ones a failing test left running.
 RUNNING: list[PushdProcess] = []
+#: wss handshakes that stalled and were retried (see PushdProcess.client); reported at the end of the run.
+STALLED_HANDSHAKES: list[str] = []
 READY = re.compile(r"pushd ready: node (\S+), WebSocket at (.+), Redis")
 
 
@@ -145,13 +147,20 @@ class PushdProcess:
                 return
             self.lines.append(line)
 
-    def client(self, timeout: float = 10) -> Client:
+    def client(self, timeout: float = 5) -> Client:
         # The certificate names localhost; connect to 127.0.0.1 itself, where the node listens, so that a
         # resolver preferring ::1 cannot send the client elsewhere.
         url = self.url.replace("//localhost:", "//127.0.0.1:")
         tls = {"ssl": ssl.create_default_context(cafile=self.cert), "server_hostname": "localhost"} \
             if url.startswith("wss") else {}
-        return Client(connect(url, open_timeout=timeout, close_timeout=5, max_size=2**22, legacy=True, **tls))
+        try:
+            return Client(connect(url, open_timeout=timeout, close_timeout=5, max_size=2**22, legacy=True, **tls))
+        except TimeoutError:
+            # Known open defect: about 1 wss opening handshake in 600 to a pushd node stalls until the server's
+            # 10 s handshake timeout (never seen over plain ws, nor with a bare Autobahn TLS server). Counted
+            # here and retried once, so the suite stays deterministic while the cause is looked for.
+            STALLED_HANDSHAKES.append(url)
+            return Client(connect(url, open_timeout=timeout, close_timeout=5, max_size=2**22, legacy=True, **tls))
 
     def __enter__(self) -> Self:
         return self.start()
