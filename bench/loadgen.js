@@ -714,21 +714,24 @@ async function main(opts) {
 
     // open
     event('opening', { connections: opts.connections });
+    // first start to last end of one phase over all workers, in µs
+    const span = (msgs, key) => ({
+      start: Math.min(...msgs.map((m) => m[key].start)),
+      end: Math.max(...msgs.map((m) => m[key].end)),
+    });
     const opened = await guard(Promise.all(workers.map((w) => w.request({ type: 'open' }, 'opened'))));
-    const openStart = Math.min(...opened.map((m) => m.open.start));
-    const openEnd = Math.max(...opened.map((m) => m.open.end));
-    result.open_seconds = (openEnd - openStart) / 1e6;
+    const open = span(opened, 'open');
+    result.open_seconds = (open.end - open.start) / 1e6;
     result.connections_per_s = Math.round(opts.connections / result.open_seconds);
     result.open_retries = opened.reduce((a, m) => a + m.retries, 0);
     event('opened', { seconds: result.open_seconds });
 
     // subscribe
     const subs = await guard(Promise.all(workers.map((w) => w.request({ type: 'subscribe' }, 'subscribed'))));
-    const subStart = Math.min(...subs.map((m) => m.sub.start));
-    const subEnd = Math.max(...subs.map((m) => m.sub.end));
-    result.subscribe_seconds = (subEnd - subStart) / 1e6;
+    const sub = span(subs, 'sub');
+    result.subscribe_seconds = (sub.end - sub.start) / 1e6;
     result.subscribes_per_s = Math.round(opts.connections / result.subscribe_seconds);
-    result.setup_seconds = (subEnd - started) / 1e6;
+    result.setup_seconds = (sub.end - started) / 1e6;
     event('subscribed', { seconds: result.subscribe_seconds });
 
     if (opts.mode === 'idle') {

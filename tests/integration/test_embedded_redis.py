@@ -12,10 +12,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration.pushd_process import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 60.0
@@ -122,10 +123,7 @@ def test_reactor_shutdown_stops_a_forgotten_server(tmp_path: Path) -> None:
     out = _run(tmp_path, "forget")
     assert out["ping"] == "PONG"
     assert not os.path.exists(out["dir"])
-    deadline = time.monotonic() + 10
-    while not _gone(int(out["pid"])):
-        assert time.monotonic() < deadline, "redis-server outlived the reactor"
-        time.sleep(0.05)
+    eventually(lambda: _gone(int(out["pid"])), timeout=10)
 
 
 def test_early_exit_is_reported_with_last_output_line(tmp_path: Path) -> None:
@@ -148,11 +146,11 @@ def test_redis_dies_with_its_parent(tmp_path: Path) -> None:
     redis_pid = 0
     redis_dir = ""
     try:
-        deadline = time.monotonic() + 30
-        while not (info.exists() and info.read_text().endswith("\n")):
+        def reported() -> bool:
             assert child.poll() is None, f"child exited early with code {child.returncode}"
-            assert time.monotonic() < deadline, "the child never reported redis-server's pid"
-            time.sleep(0.05)
+            return info.exists() and info.read_text().endswith("\n")
+
+        eventually(reported, timeout=30)
         pid_text, redis_dir = info.read_text().split()
         redis_pid = int(pid_text)
         assert not _gone(redis_pid)
@@ -160,10 +158,7 @@ def test_redis_dies_with_its_parent(tmp_path: Path) -> None:
 
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not _gone(redis_pid):
-            assert time.monotonic() < deadline, f"redis-server {redis_pid} outlived its parent by 10 s"
-            time.sleep(0.05)
+        eventually(lambda: _gone(redis_pid), timeout=10)
     finally:
         if child.poll() is None:
             child.kill()

@@ -10,9 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-from tests.integration.pushd_process import TWISTD, PushdProcess, python_env, run_cli, run_pushd
+from tests.integration.pushd_process import TWISTD, PushdProcess, eventually, python_env, run_cli, run_pushd
 from tests.redis_server import free_port
 
 
@@ -110,10 +109,7 @@ def test_daemon_mode_with_pidfile_and_logfile(tmp_path):
         return logfile.exists() and "pushd ready" in logfile.read_text()
 
     try:
-        deadline = time.monotonic() + 30
-        while not ready():
-            assert time.monotonic() < deadline, logfile.read_text() if logfile.exists() else "no log file"
-            time.sleep(0.1)
+        eventually(ready, timeout=30)
         pid = int(pidfile.read_text())
         runtime = json.loads((pidfile.parent / "pushd.runtime.json").read_text())
         assert runtime["pid"] == pid
@@ -122,10 +118,7 @@ def test_daemon_mode_with_pidfile_and_logfile(tmp_path):
         stats = run_cli(tmp_path, "stats", "--pidfile", str(pidfile))
         assert "nodes: 1" in stats.stdout, stats.stderr
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while alive(pid):
-            assert time.monotonic() < deadline, logfile.read_text()
-            time.sleep(0.1)
+        eventually(lambda: not alive(pid), timeout=30)
         assert not pidfile.exists()
         assert not (pidfile.parent / "pushd.runtime.json").exists()
         assert "pushd stopped" in logfile.read_text()
