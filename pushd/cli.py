@@ -19,6 +19,7 @@ from twisted.python import usage
 from pushd import protocol
 from pushd.config import ConfigError, build_config
 from pushd.redis.client import RedisLink
+from pushd.redis.history import History, HistoryKeys, HistoryPolicies
 from pushd.redis.state import Keys
 from pushd.redis.target import RedisTarget, parse_redis_url
 from pushd.service import runtime_dir
@@ -38,7 +39,10 @@ class _Common(usage.Options):
 
 class PublishOptions(_Common):
     synopsis = "[options] TOPIC DATA"
-    optFlags = [["raw", None, "Send DATA as it is, even if it is not JSON (subscribers get a JSON string)."]]
+    optFlags = [
+        ["raw", None, "Send DATA as it is, even if it is not JSON (subscribers get a JSON string)."],
+        ["plain", None, "A plain PUBLISH: no history, no offset (the low-latency path publishers use)."],
+    ]
 
     def parseArgs(self, topic: str, data: str) -> None:  # type: ignore[override]
         self["topic"] = topic
@@ -68,28 +72,34 @@ class Server:
     keys: Keys
     channel_prefix: str
     redis_timeout: int
+    history: HistoryPolicies
 
 
 def locate_server(options: usage.Options) -> Server:
     """Where the server's Redis is: --redis, else the config file, else the running server's runtime file."""
     try:
         config = build_config({"redis": options["redis"]}, options["config"])
+        history = HistoryPolicies.parse(config.history_size, config.history_ttl, config.history_rules)
     except ConfigError as e:
         raise CommandError(str(e)) from None
+    except ValueError as e:
+        raise CommandError(f"history-rules: {e}") from None
     if config.redis is not None:
-        return Server(config.redis, Keys(config.key_prefix), config.channel_prefix, config.redis_timeout)
+        return Server(config.redis, Keys(config.key_prefix), config.channel_prefix, config.redis_timeout, history)
     path = os.path.join(runtime_dir(options["pidfile"]), "pushd.runtime.json")
     try:
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
         os.kill(int(info["pid"]), 0)
         target = parse_redis_url(info["redis"])
+        if "history" in info:
+            history = HistoryPolicies.parse(*info["history"])
     except (OSError, ValueError, KeyError, TypeError):
         raise CommandError(
             f"no pushd server is running here (no live runtime file at {path}); start one with "
             f"`twistd -n pushd`, or pass --pidfile of a running server or --redis URL") from None
     return Server(target, Keys(info.get("key_prefix", config.key_prefix)),
-                  info.get("channel_prefix", config.channel_prefix), config.redis_timeout)
+                  info.get("channel_prefix", config.channel_prefix), config.redis_timeout, history)
 
 
 def publish_payload(data: str, raw: bool) -> bytes:
@@ -102,16 +112,24 @@ def publish_payload(data: str, raw: bool) -> bytes:
 
 
 @defer.inlineCallbacks
-def publish(reactor: Any, server: Server, topic: str, payload: bytes) -> Any:
+def publish(reactor: Any, server: Server, topic: str, payload: bytes, plain: bool = False) -> Any:
+    """Publish as the HTTP API does (history and an offset, per the server's history settings), or plainly."""
     problem = protocol.topic_error(topic, protocol.Limits())
     if problem is not None:
         raise CommandError(problem)
     link = RedisLink(reactor, server.target, timeout=server.redis_timeout)
     try:
-        nodes = yield link.call("publish", server.channel_prefix + topic, payload)
+        if plain:
+            nodes = yield link.call("publish", server.channel_prefix + topic, payload)
+            return f"published to {topic}: {int(nodes)} node(s) listening"
+        history = History(link, HistoryKeys(server.keys.prefix), server.history,
+                          channel_prefix=server.channel_prefix)
+        [position] = yield history.publish([(topic, payload)])
     finally:
         yield link.disconnect()
-    return int(nodes)
+    if position is None:
+        return f"published to {topic} (no history kept for it)"
+    return f"published to {topic} at offset {position.offset} (epoch {position.epoch})"
 
 
 @defer.inlineCallbacks
@@ -155,8 +173,8 @@ def _run(reactor: Any, options: CommandOptions) -> Any:
     server = locate_server(sub)
     if options.subCommand == "publish":
         payload = publish_payload(sub["data"], sub["raw"])
-        d = publish(reactor, server, sub["topic"], payload)
-        d.addCallback(lambda nodes: _say(f"published to {sub['topic']}: {nodes} node(s) listening"))
+        d = publish(reactor, server, sub["topic"], payload, sub["plain"])
+        d.addCallback(_say)
         return d
     d = read_stats(reactor, server)
     d.addCallback(lambda stats: _say(json.dumps(stats, indent=2) if sub["json"] else format_stats(stats, sub["top"])))

@@ -7,7 +7,9 @@ docs/configuration.md, so they cannot drift apart. Every error names its setting
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +61,33 @@ def _listen(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0", ""):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    """Topic patterns separated by spaces, commas or lines (fnmatch style: * ? [...])."""
+    return tuple(p for p in text.replace(",", " ").split() if p)
+
+
+#: Settings that may be given more than once on the command line (one per line in tap.conf).
+REPEATABLE = ("listen", "api-key")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -107,6 +136,42 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds after its last heartbeat when a node counts as dead and other nodes remove its state."),
     Setting("shutdown-timeout", "5", _integer(0, 600),
             "Seconds to wait for clients to acknowledge the close frame at shutdown."),
+    Setting("api-listen", "tcp:8081:interface=127.0.0.1", _text,
+            "Twisted server endpoint string of the HTTP API; empty turns the API off. Without api-key it must "
+            "listen on loopback only."),
+    Setting("api-key", "", _listen,
+            "Bearer key the HTTP API accepts; repeatable (one per line in tap.conf). Empty: no key is asked "
+            "for, and the API may only listen on loopback."),
+    Setting("api-max-body", "1048576", _integer(1024, 64 * 1024 * 1024),
+            "Largest HTTP API request body, in bytes (larger ones get 413)."),
+    Setting("broadcast-window", "900", _integer(1, 7 * 86400),
+            "Seconds a broadcast key is remembered: a broadcast repeating a key within it sends nothing."),
+    Setting("auth", "optional", _choice("off", "optional", "required"),
+            "Client tokens: off (tokens refused, everyone anonymous), optional (anonymous connections may "
+            "subscribe to public-topics), required (a connection without a valid token is closed with 4003)."),
+    Setting("jwt-secret", "", _text, "Shared secret of HS256 client tokens."),
+    Setting("jwt-public-key", "", _text, "PEM file of the public key of RS256 (RSA) or ES256 (EC P-256) tokens."),
+    Setting("jwt-jwks", "", _text, "JWKS file (JSON) of the public keys of RS256/ES256 tokens, picked by kid."),
+    Setting("jwt-audience", "", _text, "Required aud claim of client tokens; empty: not checked."),
+    Setting("jwt-issuer", "", _text, "Required iss claim of client tokens; empty: not checked."),
+    Setting("public-topics", "*", _patterns,
+            "Topic patterns anonymous connections may subscribe to (fnmatch style, separated by spaces); "
+            "empty: none."),
+    Setting("auth-timeout", "10", _integer(1, 600),
+            "Seconds a connection has to send its token when auth is required (else close 4003)."),
+    Setting("refresh-grace", "30", _integer(1, 3600),
+            "Seconds a client has to send a fresh token after its token expired (else close 4002)."),
+    Setting("allow-patterns", "no", _flag,
+            "Let clients subscribe to topic patterns such as sh600* (yes or no)."),
+    Setting("history-size", "100", _integer(0, 100000),
+            "Messages kept per topic for API publishes (last and since); 0 keeps no history."),
+    Setting("history-ttl", "300", _integer(1, 30 * 86400),
+            "Seconds a topic's history lives after its last publish."),
+    Setting("history-rules", "", _text,
+            "Per-topic history: PATTERN=SIZE/TTL, one per line; the first matching pattern wins over "
+            "history-size and history-ttl (e.g. orders.*=1000/3600, ticks.*=0/0)."),
+    Setting("replay-limit", "300", _integer(1, 100000),
+            "Most messages one recovery replays; a client that missed more gets recovery_failed."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -135,6 +200,24 @@ class Config:
     heartbeat_interval: int = 5
     heartbeat_ttl: int = 15
     shutdown_timeout: int = 5
+    api_listen: str = "tcp:8081:interface=127.0.0.1"
+    api_key: tuple[str, ...] = ()
+    api_max_body: int = 1048576
+    broadcast_window: int = 900
+    auth: str = "optional"
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_jwks: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    public_topics: tuple[str, ...] = ("*",)
+    auth_timeout: int = 10
+    refresh_grace: int = 30
+    allow_patterns: bool = False
+    history_size: int = 100
+    history_ttl: int = 300
+    history_rules: str = ""
+    replay_limit: int = 300
     #: Where the running server records how to reach it (`pushd publish` reads it).
     runtime_file: str = field(default="pushd.runtime.json")
 
@@ -178,9 +261,41 @@ def build_config(given: Mapping[str, str | None], config_file: str | None = None
         raise ConfigError(
             f"heartbeat-ttl: {parsed['heartbeat_ttl']} must be longer than heartbeat-interval "
             f"({parsed['heartbeat_interval']})")
+    _check_together(parsed)
     parsed["cert_dir"] = os.path.abspath(parsed["cert_dir"])
     parsed["runtime_file"] = os.path.join(os.path.abspath(runtime_dir or "."), "pushd.runtime.json")
     return Config(**parsed)
+
+
+def _check_together(parsed: dict[str, Any]) -> None:
+    """Rules that involve more than one setting."""
+    key_prefix, channel_prefix = parsed["key_prefix"], parsed["channel_prefix"]
+    if key_prefix.startswith(channel_prefix) or channel_prefix.startswith(key_prefix):
+        raise ConfigError(f"channel-prefix: {channel_prefix!r} overlaps key-prefix {key_prefix!r}; pushd's own "
+                          "channels start with key-prefix, so neither may start with the other")
+    tokens = [name for name in ("jwt_secret", "jwt_public_key", "jwt_jwks") if parsed[name]]
+    if parsed["auth"] == "required" and not tokens:
+        raise ConfigError("auth: required needs one of jwt-secret, jwt-public-key or jwt-jwks")
+    if parsed["api_listen"] and not parsed["api_key"] and not is_loopback_endpoint(parsed["api_listen"]):
+        raise ConfigError(f"api-listen: {parsed['api_listen']!r} is not loopback-only; set api-key to serve "
+                          "the HTTP API beyond this machine (or add :interface=127.0.0.1)")
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """True for a unix socket or a tcp/ssl endpoint bound to a loopback interface."""
+    kind = description.split(":", 1)[0]
+    if kind == "unix":
+        return True
+    match = re.search(r"(?:^|:)interface=((?:[^:\\]|\\.)+)", description)
+    if match is None:
+        return False
+    interface = match.group(1).replace("\\", "")
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 class Options(usage.Options):
@@ -190,17 +305,25 @@ class Options(usage.Options):
         ["config", "c", None, "INI file with a [pushd] section (see tap.conf); options given here override it."],
     ] + [
         [s.name, None, None, f"{s.help} [default: {s.default or '(empty)'}]"]
-        for s in SETTINGS if s.name != "listen"
+        for s in SETTINGS if s.name not in REPEATABLE
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = None
+        for name in REPEATABLE:
+            self[name] = None
+
+    def _add(self, name: str, value: str) -> None:
+        self[name] = value if self[name] is None else f"{self[name]}\n{value}"
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint string to accept WebSocket connections on; repeatable.
         [default: ssl:8443 with the generated localhost certificate]"""
-        self["listen"] = endpoint if self["listen"] is None else f"{self['listen']}\n{endpoint}"
+        self._add("listen", endpoint)
+
+    def opt_api_key(self, key: str) -> None:
+        """Bearer key the HTTP API accepts; repeatable. [default: none, and the API stays on loopback]"""
+        self._add("api-key", key)
 
     def given(self) -> dict[str, str | None]:
         return {s.name: self.get(s.name) for s in SETTINGS}

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from pushd.patterns import is_pattern, pattern_error
+from pushd.recovery import Position, is_offset
 
 #: What a topic name may contain. `*`, `?` and `[` stay reserved for pattern subscriptions.
 TOPIC_ALPHABET = "A-Z a-z 0-9 _ - . : @ / = + ~"
@@ -26,19 +29,35 @@ class ErrorCode:
     INVALID_TOPIC = "invalid_topic"
     TOO_MANY_TOPICS = "too_many_topics"
     FORBIDDEN = "forbidden"
+    UNAUTHORIZED = "unauthorized"
+    RECOVERY_FAILED = "recovery_failed"
     INTERNAL_ERROR = "internal_error"
+
+
+class CloseCode:
+    """pushd's own WebSocket close codes (docs/protocol.md has the table)."""
+
+    DISCONNECTED = 4000
+    INVALID_TOKEN = 4001
+    TOKEN_EXPIRED = 4002
+    AUTH_REQUIRED = 4003
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_topic_length: int = 128
     max_topics_per_connection: int = 1000
+    allow_patterns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     topics: tuple[str, ...]
     id: RequestId = None
+    #: Send each topic's latest message from history right after `subscribed`.
+    last: bool = False
+    #: Replay what each topic got after this position, then go on live.
+    since: dict[str, Position] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +72,12 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """A request the server refuses; `encode_error` turns it into the error frame."""
 
@@ -62,7 +87,8 @@ class Error:
     topics: tuple[str, ...] = ()
 
 
-Command = Subscribe | Unsubscribe | Ping
+Command = Subscribe | Unsubscribe | Ping | Auth
+MAX_TOKEN_LENGTH = 8192
 
 
 def topic_error(topic: object, limits: Limits) -> str | None:
@@ -80,6 +106,15 @@ def topic_error(topic: object, limits: Limits) -> str | None:
 
 def is_valid_topic(topic: str, limits: Limits) -> bool:
     return topic_error(topic, limits) is None
+
+
+def subscription_error(topic: object, limits: Limits) -> str | None:
+    """Why `topic` cannot be subscribed to: a topic name, or a pattern when `limits.allow_patterns`."""
+    if isinstance(topic, str) and is_pattern(topic):
+        if not limits.allow_patterns:
+            return f"{topic[:64]!r} is a pattern and pattern subscriptions are off on this server"
+        return pattern_error(topic, limits.max_topic_length)
+    return topic_error(topic, limits)
 
 
 def parse_command(text: str, limits: Limits) -> Command | Error:
@@ -100,8 +135,16 @@ def parse_command(text: str, limits: Limits) -> Command | Error:
         return Error(ErrorCode.BAD_REQUEST, "op is missing or not a string", request_id)
     if op == "ping":
         return Ping(request_id)
+    if op == "auth":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            return Error(ErrorCode.BAD_REQUEST, "token must be a non-empty string", request_id)
+        if len(token) > MAX_TOKEN_LENGTH:
+            return Error(ErrorCode.BAD_REQUEST, f"token is longer than {MAX_TOKEN_LENGTH} bytes", request_id)
+        return Auth(token, request_id)
     if op not in ("subscribe", "unsubscribe"):
-        return Error(ErrorCode.UNKNOWN_OP, f"unknown op {op[:32]!r} (subscribe, unsubscribe, ping)", request_id)
+        return Error(ErrorCode.UNKNOWN_OP, f"unknown op {op[:32]!r} (subscribe, unsubscribe, ping, auth)",
+                     request_id)
 
     topics = frame.get("topics")
     if not isinstance(topics, list) or not topics:
@@ -113,13 +156,39 @@ def parse_command(text: str, limits: Limits) -> Command | Error:
             request_id,
         )
     for topic in topics:
-        problem = topic_error(topic, limits)
+        problem = subscription_error(topic, limits)
         if problem is not None:
             return Error(ErrorCode.INVALID_TOPIC, problem, request_id)
     unique = tuple(dict.fromkeys(topics))
-    if op == "subscribe":
-        return Subscribe(unique, request_id)
-    return Unsubscribe(unique, request_id)
+    if op == "unsubscribe":
+        return Unsubscribe(unique, request_id)
+    return _subscribe_options(frame, unique, request_id)
+
+
+def _subscribe_options(frame: dict[str, Any], topics: tuple[str, ...], request_id: RequestId) -> Subscribe | Error:
+    last = frame.get("last", False)
+    if not isinstance(last, bool):
+        return Error(ErrorCode.BAD_REQUEST, "last must be true or false", request_id)
+    raw_since = frame.get("since", {})
+    if not isinstance(raw_since, dict):
+        return Error(ErrorCode.BAD_REQUEST, 'since must be an object {"TOPIC": {"offset": ..., "epoch": ...}}',
+                     request_id)
+    since: dict[str, Position] = {}
+    for topic, position in raw_since.items():
+        if topic not in topics:
+            return Error(ErrorCode.BAD_REQUEST, f"since.{topic[:64]}: not one of the topics subscribed to",
+                         request_id)
+        if not isinstance(position, dict) or not is_offset(position.get("offset")) \
+                or not isinstance(position.get("epoch"), str) or not position["epoch"]:
+            return Error(ErrorCode.BAD_REQUEST,
+                         f'since.{topic[:64]}: must be {{"offset": "<ms>-<seq>", "epoch": "<epoch>"}}', request_id)
+        since[topic] = Position(position["offset"], position["epoch"])
+    if last or since:
+        patterns = [t for t in topics if is_pattern(t)]
+        if patterns:
+            return Error(ErrorCode.BAD_REQUEST, "last and since apply to topics, not to patterns", request_id,
+                         tuple(patterns))
+    return Subscribe(topics, request_id, last, since)
 
 
 def _is_valid_id(value: Any) -> bool:
@@ -152,6 +221,14 @@ def encode_pong(request_id: RequestId) -> bytes:
     return _encode(_with_id({"op": "pong"}, request_id))
 
 
+def encode_authenticated(user: str, expires: float, request_id: RequestId) -> bytes:
+    return _encode(_with_id({"op": "authenticated", "user": user, "expires": int(expires)}, request_id))
+
+
+def encode_refresh() -> bytes:
+    return b'{"op":"refresh"}'
+
+
 def encode_error(error: Error) -> bytes:
     reply: dict[str, Any] = {"op": "error", "code": error.code, "message": error.message}
     if error.topics:
@@ -180,7 +257,21 @@ def json_value(payload: bytes) -> bytes:
     return payload.strip()
 
 
-def encode_data(topic: str, payload: bytes) -> bytes:
+def encode_data(topic: str, payload: bytes, position: Position | None = None) -> bytes:
     """The data frame text for one published message; built once per message, whatever the subscriber count."""
-    # Valid topic names hold no character JSON would escape, so quoting is enough.
-    return b'{"topic":"' + topic.encode() + b'","data":' + json_value(payload) + b"}"
+    # Valid topic names, offsets and epochs hold no character JSON would escape, so quoting is enough.
+    head = b'{"topic":"' + topic.encode() + b'","data":' + json_value(payload)
+    if position is None:
+        return head + b"}"
+    return head + b',"offset":"' + position.offset.encode() + b'","epoch":"' + position.epoch.encode() + b'"}'
+
+
+def encode_message(payload: bytes) -> bytes:
+    """A message sent to one user's connections (HTTP API `POST /api/users/<id>/publish`)."""
+    return b'{"op":"message","data":' + json_value(payload) + b"}"
+
+
+def encode_broadcast(broadcast_id: str, payload: bytes) -> bytes:
+    """A site-wide broadcast, sent to every connection whatever its subscriptions."""
+    return b'{"op":"broadcast","broadcast":' + json.dumps(broadcast_id).encode() + b',"data":' \
+        + json_value(payload) + b"}"

@@ -20,16 +20,22 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from pushd import protocol
+from pushd.api import api_site
+from pushd.auth import Permissions, TokenVerifier
+from pushd.broadcast import NodeBroadcast
+from pushd.cluster import Cluster, parse_control
 from pushd.config import Config, ConfigError, Options, build_config
 from pushd.hooks import Hooks, apply_on_message, load_hooks
-from pushd.hub import Hub
+from pushd.hub import Hub, text_frame
+from pushd.recovery import Position
 from pushd.redis.client import RedisLink
 from pushd.redis.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
-from pushd.redis.listener import Listener
+from pushd.redis.history import History, HistoryKeys, HistoryPolicies, parse_envelope
+from pushd.redis.listener import Listener, MessageHandler
 from pushd.redis.state import Keys, NodeState
 from pushd.tasks import TaskPool
 from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate
-from pushd.ws import PushFactory
+from pushd.ws import AuthPolicy, PushFactory
 
 
 class StartupError(Exception):
@@ -62,28 +68,57 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def auth_policy(config: Config) -> AuthPolicy:
+    """The client-token rules of `config`; a bad key file is a ConfigError naming its setting."""
+    try:
+        verifier = TokenVerifier.from_settings(
+            secret=config.jwt_secret, public_key_file=config.jwt_public_key, jwks_file=config.jwt_jwks,
+            audience=config.jwt_audience, issuer=config.jwt_issuer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return AuthPolicy(mode=config.auth, verifier=verifier, permissions=Permissions(config.public_topics),
+                      auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
+
+
+def history_policies(config: Config) -> HistoryPolicies:
+    try:
+        return HistoryPolicies.parse(config.history_size, config.history_ttl, config.history_rules)
+    except ValueError as e:
+        raise ConfigError(f"history-rules: {e}") from None
+
+
 class PushdService(MultiService):
     """One pushd node."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, hooks: Hooks, listen: list[tuple[str, Any]]) -> None:
+    def __init__(self, reactor: Any, config: Config, hooks: Hooks, listen: list[tuple[str, Any]],
+                 api_listen: tuple[str, Any] | None = None, auth: AuthPolicy | None = None,
+                 history: HistoryPolicies | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.hooks = hooks
         self._listen = listen
+        self._api_listen = api_listen
+        self.auth = auth or AuthPolicy()
+        self.history_policies = history or history_policies(config)
         self.tasks = TaskPool(reactor, config.task_workers)
         self.tasks.setServiceParent(self)
         self.hub = Hub()
-        self.limits = protocol.Limits(config.max_topic_length, config.max_topics)
+        self.limits = protocol.Limits(config.max_topic_length, config.max_topics, config.allow_patterns)
         self.node_id = ""
         self.embedded: EmbeddedRedis | None = None
         self.redis: RedisLink | None = None
         self.state: NodeState | None = None
         self.listener: Listener | None = None
         self.factory: PushFactory | None = None
+        self.history: History | None = None
+        self.cluster: Cluster | None = None
+        self.broadcasts: dict[str, NodeBroadcast] = {}
         self.ports: list[Any] = []
+        self.api_port: Any = None
+        self.api_url = ""
         self.urls: list[str] = []
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.dropped_messages = 0
@@ -123,9 +158,19 @@ class PushdService(MultiService):
             raise StartupError(f"redis: cannot write this node's state to {target.display}: {_reason(e)}") \
                 from None
 
-        self.listener = Listener(self.reactor, target, config.channel_prefix, timeout=config.redis_timeout,
-                                 on_message=self.published, begin_batch=self.hub.begin_batch,
-                                 flush=self.hub.flush)
+        keys = Keys(config.key_prefix)
+        history_keys = HistoryKeys(config.key_prefix)
+        self.history = History(self.redis, history_keys, self.history_policies,
+                               channel_prefix=config.channel_prefix, replay_limit=config.replay_limit)
+        self.cluster = Cluster(self.redis, keys, self.history, broadcast_window=config.broadcast_window)
+        routes: dict[str, MessageHandler] = {
+            config.channel_prefix: self.published,
+            history_keys.channel(""): self.published_with_history,
+            self.cluster.channels.user_prefix: self.user_message,
+            self.cluster.channels.control: self.control_message,
+        }
+        self.listener = Listener(self.reactor, target, routes, timeout=config.redis_timeout,
+                                 begin_batch=self.hub.begin_batch, flush=self.hub.flush)
         try:
             yield self.listener.start().addTimeout(config.redis_timeout, self.reactor)
         except Exception as e:
@@ -135,7 +180,8 @@ class PushdService(MultiService):
             clock=self.reactor, hub=self.hub, node_id=self.node_id, ws_path=config.ws_path, limits=self.limits,
             max_frame_size=config.max_frame_size, high_water_mark=config.high_water_mark,
             bad_frame_limit=config.bad_frame_limit, ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout, tasks=self.tasks, hooks=self.hooks)
+            ping_timeout=config.ping_timeout, tasks=self.tasks, hooks=self.hooks, auth=self.auth,
+            history=self.history)
         for description, endpoint in self._listen:
             try:
                 port = yield endpoint.listen(self.factory)
@@ -143,6 +189,19 @@ class PushdService(MultiService):
                 raise StartupError(f"listen: cannot listen on {description!r}: {_reason(e)}") from None
             self.ports.append(port)
             self.urls.append(self._url(description, port))
+        if self._api_listen is not None:
+            description, endpoint = self._api_listen
+            site = api_site(self.cluster, api_keys=config.api_key, max_body=config.api_max_body,
+                            limits=self.limits)
+            try:
+                self.api_port = yield endpoint.listen(site)
+            except Exception as e:
+                raise StartupError(f"api-listen: cannot listen on {description!r}: {_reason(e)}") from None
+            address = self.api_port.getHost()
+            self.api_url = f"http://{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', '')}/api"
+            self.log.info("HTTP API at {url} ({keys})", url=self.api_url,
+                          keys="bearer keys required" if config.api_key
+                          else "no api-key configured: loopback only, no key asked for")
         yield self.state.register()
         self._write_runtime_file(target.url())
         self.log.info("pushd ready: node {node}, WebSocket at {urls}, Redis {redis}", node=self.node_id,
@@ -160,10 +219,14 @@ class PushdService(MultiService):
         hub = self.hub
         return {"pid": os.getpid(), "urls": self.urls, "connections": len(hub), "pruned": dict(hub.pruned),
                 "published": hub.published, "delivered": hub.delivered, "batches": hub.batches,
-                "batched_frames": hub.batched_frames, "dropped_messages": self.dropped_messages}
+                "batched_frames": hub.batched_frames, "dropped_messages": self.dropped_messages,
+                "api": self.api_url,
+                "history": [self.config.history_size, self.config.history_ttl, self.config.history_rules], "broadcasts_running": len(self.broadcasts)}
 
     def _write_runtime_file(self, redis_url: str) -> None:
         info = {"pid": os.getpid(), "node_id": self.node_id, "redis": redis_url, "urls": self.urls,
+                "api": self.api_url,
+                "history": [self.config.history_size, self.config.history_ttl, self.config.history_rules],
                 "key_prefix": self.config.key_prefix, "channel_prefix": self.config.channel_prefix}
         tmp = self.config.runtime_file + ".tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
@@ -186,7 +249,16 @@ class PushdService(MultiService):
 
     # -- the hot path's entry ----------------------------------------------------------------------------
 
-    def published(self, topic: str, payload: bytes) -> None:
+    def published_with_history(self, topic: str, envelope: bytes) -> None:
+        """A message published with history (HTTP API, the publish script): it carries its position."""
+        parsed = parse_envelope(envelope)
+        if parsed is None:
+            self.dropped_messages += 1
+            return
+        offset, epoch, payload = parsed
+        self.published(topic, payload, Position(offset, epoch))
+
+    def published(self, topic: str, payload: bytes, position: Position | None = None) -> None:
         """A message arrived from Redis for `topic`."""
         if not protocol.is_valid_topic(topic, self.limits):
             self.dropped_messages += 1
@@ -203,7 +275,47 @@ class PushdService(MultiService):
                 self.dropped_messages += 1
                 return
             payload = rewritten
-        self.hub.publish(topic, payload)
+        self.hub.publish(topic, payload, position)
+
+    def user_message(self, user: str, payload: bytes) -> None:
+        """A message for every local connection of `user` (HTTP API), framed once."""
+        connections = self.hub.user_connections(user)
+        if connections:
+            frame = text_frame(protocol.encode_message(payload))
+            for conn in connections:
+                conn.write(frame)
+
+    def control_message(self, rest: str, message: bytes) -> None:
+        """A cluster-wide order from some node's HTTP API: broadcast, or disconnect."""
+        parsed = parse_control(message) if rest == "" else None
+        if parsed is None or self.factory is None:
+            self.log.warn("ignored a malformed control message ({size} bytes)", size=len(message))
+            return
+        header, payload = parsed
+        try:
+            op = header["op"]
+            if op == "broadcast":
+                self._broadcast(str(header["id"]), payload)
+            elif op == "disconnect":
+                self.factory.disconnect(str(header["conn"]), int(header["code"]), str(header["reason"]))
+            elif op == "disconnect_user":
+                self.factory.disconnect_user(str(header["user"]), int(header["code"]), str(header["reason"]))
+        except (KeyError, TypeError, ValueError) as e:
+            self.log.warn("ignored a control message with a bad field: {error!r}", error=e)
+
+    def _broadcast(self, broadcast_id: str, payload: bytes) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        frame = text_frame(protocol.encode_broadcast(broadcast_id, payload))
+
+        def report(counts: dict[str, Any]) -> None:
+            cluster.report_broadcast(broadcast_id, self.node_id, counts).addErrback(
+                lambda f: self.log.warn("could not record broadcast {id} progress: {error}", id=broadcast_id,
+                                        error=f.value))
+
+        broadcast = NodeBroadcast(broadcast_id, frame, self.hub, report)
+        self.broadcasts[broadcast_id] = broadcast
+        broadcast.start().addBoth(lambda _: self.broadcasts.pop(broadcast_id, None))
 
     # -- shutdown -----------------------------------------------------------------------------------------
 
@@ -214,6 +326,9 @@ class PushdService(MultiService):
         for port in self.ports:
             await port.stopListening()
         self.ports = []
+        if self.api_port is not None:
+            await self.api_port.stopListening()
+            self.api_port = None
         if self.factory is not None:
             await self.factory.close_all("server shutting down", self.config.shutdown_timeout)
         if self.state is not None and self.redis is not None and self.redis.connected:
@@ -244,9 +359,21 @@ def makeService(options: Options) -> PushdService:
     try:
         config = build_config(options.given(), options["config"], runtime_dir=runtime_dir(pidfile))
         hooks = load_hooks(config.hooks)
+        auth = auth_policy(config)
+        history = history_policies(config)
         listen = listen_endpoints(reactor, config)
+        api = api_endpoint(reactor, config)
     except (ConfigError, CertificateError) as e:
         sys.stderr.write(f"pushd: {e}\n")
         raise SystemExit(1) from None
-    return PushdService(reactor, config, hooks, listen)
+    return PushdService(reactor, config, hooks, listen, api, auth, history)
+
+
+def api_endpoint(reactor: Any, config: Config) -> tuple[str, Any] | None:
+    if not config.api_listen:
+        return None
+    try:
+        return config.api_listen, endpoints.serverFromString(reactor, config.api_listen)
+    except Exception as e:
+        raise ConfigError(f"api-listen: {config.api_listen!r}: {_reason(e)}") from None
 

@@ -24,7 +24,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from pushd.hooks import Hooks
 from pushd.hub import Hub, MembershipObserver
 from pushd.protocol import Limits
-from pushd.ws import PushConnection, PushFactory
+from pushd.recovery import Position
+from pushd.ws import AuthPolicy, HistoryReader, PushConnection, PushFactory
 
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -53,6 +54,26 @@ class RecordingObserver:
 
     def closed(self, conn_id: str) -> None:
         self.events.append(("closed", conn_id))
+
+
+class FakeSubscriber:
+    """A hub `Subscriber` that records what it is sent; `accept=False` makes every write fail (a slow consumer)."""
+
+    def __init__(self, conn_id: str, accept: bool = True) -> None:
+        self.conn_id = conn_id
+        self.topics: set[str] = set()
+        self.written: list[bytes] = []
+        self.accept = accept
+        self.dropped: str | None = None
+
+    def write(self, data: bytes) -> bool:
+        if not self.accept:
+            return False
+        self.written.append(data)
+        return True
+
+    def drop(self, reason: str) -> None:
+        self.dropped = reason
 
 
 @dataclass
@@ -174,6 +195,8 @@ class MemoryNode:
     ping_interval: int = 0
     ping_timeout: int = 10
     node_id: str = "test-node"
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
+    history: HistoryReader | None = None
 
     def __post_init__(self) -> None:
         self.clock = MemoryReactorClock()
@@ -185,10 +208,10 @@ class MemoryNode:
             max_frame_size=self.max_frame_size, high_water_mark=self.high_water_mark,
             bad_frame_limit=self.bad_frame_limit, ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout, tasks=InlineTasks(),
-            hooks=self.hooks)
+            hooks=self.hooks, auth=self.auth, history=self.history)
 
     def connect(self, path: str = "/ws") -> MemoryClient:
         return MemoryClient(self, path)
 
-    def publish(self, topic: str, payload: bytes) -> int:
-        return self.hub.publish(topic, payload)
+    def publish(self, topic: str, payload: bytes, position: Position | None = None) -> int:
+        return self.hub.publish(topic, payload, position)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -18,9 +19,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushd import protocol
-from pushd.hooks import Hooks
-from pushd.hub import Hub
-from pushd.protocol import Command, Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
+from pushd.auth import AuthError, Identity, Permissions, TokenVerifier
+from pushd.hooks import Hooks, apply_on_message
+from pushd.hub import Held, Hub, frame_bytes
+from pushd.patterns import is_pattern
+from pushd.protocol import Auth, CloseCode, Command, Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
+from pushd.recovery import Position, stitch
+from pushd.redis.history import RecoveryFailed, Replay
 from pushd.tasks import TaskRunner
 from pushd.tls import direct_writer
 
@@ -29,6 +34,27 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 BAD_FRAME_WINDOW = 60.0
 _NO_HEADERS: dict[str, str] = {}
+#: Where a `last` read starts: before every offset, so only held messages newer than the latest are kept.
+_BEFORE_ALL = "0-0"
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """How connections prove who they are (`--auth`), and what they may subscribe to."""
+
+    mode: str = "off"
+    verifier: TokenVerifier | None = None
+    permissions: Permissions = field(default_factory=Permissions)
+    auth_timeout: int = 10
+    refresh_grace: int = 30
+
+
+class HistoryReader(Protocol):
+    """The reads a recovering subscription makes (`pushd.redis.history.History`)."""
+
+    def recover(self, topic: str, since: Position) -> defer.Deferred[Replay | RecoveryFailed]: ...
+
+    def latest(self, topic: str) -> defer.Deferred[tuple[Position, bytes] | None]: ...
 
 
 class PushConnection(WebSocketServerProtocol):
@@ -40,12 +66,20 @@ class PushConnection(WebSocketServerProtocol):
     _backlog: int | None = None
     _request: ConnectionRequest | None = None
     _pending: deque[Command] | None = None
+    _url_token: str | None = None
+    identity: Identity | None = None
+    _auth_timer: Any = None
+    _expiry_timer: Any = None
+    _grace_timer: Any = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         if request.path != self.factory.ws_path:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no WebSocket endpoint at {request.path}")
         if self.factory.hooks.authorize is not None:
             self._request = request
+        tokens = request.params.get("token")
+        if tokens:
+            self._url_token = tokens[0]
 
     def onOpen(self) -> None:
         # The handshake is over: let go of Autobahn's copies of it (request and response bytes, parsed headers),
@@ -62,6 +96,7 @@ class PushConnection(WebSocketServerProtocol):
         self._transport_write = direct_writer(transport)
         transport.registerProducer(self, True)
         self.factory.hub.add(self)
+        self._start_auth()
 
     # -- IPushProducer: the transport tells us when its buffer is full ---------------------------------
 
@@ -120,8 +155,70 @@ class PushConnection(WebSocketServerProtocol):
         elif isinstance(command, Unsubscribe):
             self.factory.hub.unsubscribe(self, command.topics)
             self._reply(protocol.encode_unsubscribed(command.topics, command.id))
+        elif isinstance(command, Auth):
+            if self.factory.auth.mode == "off":
+                self._refuse(Error(ErrorCode.BAD_REQUEST, "client tokens are off on this server", command.id))
+            elif self._authenticate(command.token):
+                assert self.identity is not None
+                self._reply(protocol.encode_authenticated(self.identity.user, self.identity.expires, command.id))
         else:
             self._subscribe(command)
+
+    # -- who the client is ------------------------------------------------------------------------------
+
+    def _start_auth(self) -> None:
+        policy = self.factory.auth
+        token, self._url_token = self._url_token, None
+        if policy.mode == "off":
+            return
+        if token is not None:
+            self._authenticate(token)
+        elif policy.mode == "required":
+            self._auth_timer = self.factory.clock.callLater(policy.auth_timeout, self._auth_timed_out)
+
+    def _authenticate(self, token: str) -> bool:
+        """Check a token (from the URL or an auth frame); a bad one closes the connection with 4001."""
+        verifier = self.factory.auth.verifier
+        clock = self.factory.clock
+        try:
+            if verifier is None:
+                raise AuthError("this server accepts no tokens")
+            identity = verifier.verify(token, clock.seconds())
+            if self.identity is not None and identity.user != self.identity.user:
+                raise AuthError("token is for another user")
+        except AuthError as e:
+            self.factory.hub.pruned["invalid_token"] += 1
+            self.close(CloseCode.INVALID_TOKEN, str(e))
+            return False
+        self.identity = identity
+        self._cancel_auth_timers()
+        self.factory.hub.identify(self, identity.user)
+        self._expiry_timer = clock.callLater(max(0.0, identity.expires - clock.seconds()), self._token_expired)
+        return True
+
+    def _auth_timed_out(self) -> None:
+        self._auth_timer = None
+        self.factory.hub.pruned["auth_timeout"] += 1
+        self.close(CloseCode.AUTH_REQUIRED, "authentication required: no token received in time")
+
+    def _token_expired(self) -> None:
+        self._expiry_timer = None
+        self._reply(protocol.encode_refresh())
+        self._grace_timer = self.factory.clock.callLater(self.factory.auth.refresh_grace, self._refresh_missed)
+
+    def _refresh_missed(self) -> None:
+        self._grace_timer = None
+        self.factory.hub.pruned["token_expired"] += 1
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired and no fresh token arrived")
+
+    def _cancel_auth_timers(self) -> None:
+        for name in ("_auth_timer", "_expiry_timer", "_grace_timer"):
+            timer = getattr(self, name)
+            if timer is not None and timer.active():
+                timer.cancel()
+            setattr(self, name, None)
+
+    # -- subscriptions ----------------------------------------------------------------------------------
 
     def _subscribe(self, command: Subscribe) -> None:
         limit = self.factory.limits.max_topics_per_connection
@@ -129,6 +226,17 @@ class PushConnection(WebSocketServerProtocol):
             self._refuse(Error(ErrorCode.TOO_MANY_TOPICS,
                                f"subscribing would exceed {limit} topics on this connection", command.id))
             return
+        policy = self.factory.auth
+        if policy.mode != "off":
+            if policy.mode == "required" and self.identity is None:
+                self._refuse(Error(ErrorCode.UNAUTHORIZED, 'authenticate first: send {"op":"auth","token":...}',
+                                   command.id))
+                return
+            refused = tuple(t for t in command.topics if not policy.permissions.may_subscribe(self.identity, t))
+            if refused:
+                self._refuse(Error(ErrorCode.FORBIDDEN, "not allowed to subscribe to these topics", command.id,
+                                   refused))
+                return
         authorize = self.factory.hooks.authorize
         if authorize is None:
             self._grant(command)
@@ -158,10 +266,73 @@ class PushConnection(WebSocketServerProtocol):
             self._pending.extendleft(reversed(pending))
 
     def _grant(self, command: Subscribe) -> None:
-        if self.factory.hub.connection(self.conn_id) is not self:
+        hub = self.factory.hub
+        if hub.connection(self.conn_id) is not self:
             return
-        self.factory.hub.subscribe(self, command.topics)
+        history = self.factory.history
+        new = [t for t in command.topics if t not in self.topics]
+        recover = {t: command.since[t] for t in new if t in command.since} if history is not None else {}
+        last = [t for t in new if t not in recover and not is_pattern(t)] \
+            if command.last and history is not None else []
+        hub.subscribe(self, command.topics, held=[*recover, *last])
         self._reply(protocol.encode_subscribed(command.topics, command.id))
+        if history is None:
+            if command.last or command.since:
+                self._refuse(Error(ErrorCode.RECOVERY_FAILED, "this server keeps no history", command.id,
+                                   tuple(command.since) or command.topics))
+            return
+        for topic, since in recover.items():
+            history.recover(topic, since).addBoth(self._recovered, topic, since, command.id)
+        for topic in last:
+            history.latest(topic).addBoth(self._latest, topic, command.id)
+
+    def _recovered(self, result: Any, topic: str, since: Position, request_id: protocol.RequestId) -> None:
+        held = self.factory.hub.release(self, topic)
+        if held is None:
+            return
+        if isinstance(result, Replay):
+            replay = [(offset, self._history_frame(topic, offset, result.epoch, payload))
+                      for offset, payload in result.entries]
+            self._write_frames(stitch(since.offset, [(o, f) for o, f in replay if f], held))
+            return
+        if isinstance(result, RecoveryFailed):
+            reason = result.reason
+        else:
+            self.factory.log.warn("history read for {topic} failed: {error}", topic=topic, error=result.value)
+            reason = "history could not be read; reload and subscribe again"
+        self._reply(protocol.encode_error(Error(ErrorCode.RECOVERY_FAILED, reason, request_id, (topic,))))
+        self._write_frames([frame for _, frame in held])
+
+    def _latest(self, result: Any, topic: str, request_id: protocol.RequestId) -> None:
+        held = self.factory.hub.release(self, topic)
+        if held is None:
+            return
+        replay: list[Held] = []
+        if isinstance(result, tuple):
+            position, payload = result
+            frame = self._history_frame(topic, position.offset, position.epoch, payload)
+            if frame:
+                replay.append((position.offset, frame))
+        elif result is not None:
+            self.factory.log.warn("history read for {topic} failed: {error}", topic=topic, error=result.value)
+        self._write_frames(stitch(_BEFORE_ALL, [(o, f) for o, f in replay if o is not None], held))
+
+    def _history_frame(self, topic: str, offset: str, epoch: str, payload: bytes) -> bytes:
+        """A replayed message's frame, rewritten by on_message as a live one would be; b"" when dropped."""
+        hook = self.factory.hooks.on_message
+        if hook is not None:
+            try:
+                rewritten = apply_on_message(hook, topic, payload)
+            except Exception:
+                return b""
+            if rewritten is None:
+                return b""
+            payload = rewritten
+        return frame_bytes(topic, payload, Position(offset, epoch))
+
+    def _write_frames(self, frames: list[bytes]) -> None:
+        if frames and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.write(b"".join(frames))
 
     def _refuse(self, error: Error) -> None:
         self._reply(protocol.encode_error(error))
@@ -192,6 +363,7 @@ class PushConnection(WebSocketServerProtocol):
         super().onAutoPingTimeout()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._cancel_auth_timers()
         if self.conn_id:
             self.factory.hub.remove(self)
             self.factory.closed(self)
@@ -211,10 +383,13 @@ class PushFactory(WebSocketServerFactory):
 
     def __init__(self, *, clock: Any, hub: Hub, node_id: str, ws_path: str, limits: Limits,
                  max_frame_size: int, high_water_mark: int, bad_frame_limit: int, ping_interval: int,
-                 ping_timeout: int, tasks: TaskRunner, hooks: Hooks, server: str = "pushd") -> None:
+                 ping_timeout: int, tasks: TaskRunner, hooks: Hooks, auth: AuthPolicy | None = None,
+                 history: HistoryReader | None = None, server: str = "pushd") -> None:
         super().__init__(server=server)
         self.clock = clock
         self.hub = hub
+        self.auth = auth or AuthPolicy()
+        self.history = history
         self.ws_path = ws_path
         self.limits = limits
         self.high_water_mark = high_water_mark
@@ -241,6 +416,21 @@ class PushFactory(WebSocketServerFactory):
 
     def next_conn_id(self) -> str:
         return f"{self._node_id}:{next(self._serial)}"
+
+    def disconnect(self, conn_id: str, code: int, reason: str) -> bool:
+        """Close one local connection (HTTP API); False when this node has no such connection."""
+        conn = self.hub.connection(conn_id)
+        if not isinstance(conn, PushConnection):
+            return False
+        conn.close(code, reason)
+        return True
+
+    def disconnect_user(self, user: str, code: int, reason: str) -> int:
+        """Close every local connection of `user`; returns how many there were."""
+        conns = [c for c in self.hub.user_connections(user) if isinstance(c, PushConnection)]
+        for conn in conns:
+            conn.close(code, reason)
+        return len(conns)
 
     def close_all(self, reason: str, timeout: float) -> defer.Deferred[None]:
         """Send every connection a 1001 close frame; fires when all are gone or after `timeout` seconds."""

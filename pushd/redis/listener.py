@@ -1,12 +1,14 @@
-"""The PSUBSCRIBE listener: every message published on `<channel-prefix>*` goes to the hub as (topic, payload).
+"""The PSUBSCRIBE listener: every message on a routed channel prefix goes to that route's handler.
 
-The listener re-subscribes on every (re)connection, which txredisapi does not do by itself, and brackets each
-socket read with `begin_batch`/`flush` so the messages of one read reach each client in one write.
+Routes are channel prefixes: `<channel-prefix>` for plain publishes (the hot path, first), and pushd's own
+channels for history publishes, messages to users and cluster control. The listener re-subscribes on every
+(re)connection, which txredisapi does not do by itself, and brackets each socket read with
+`begin_batch`/`flush` so the messages of one read reach each client in one write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import txredisapi
@@ -16,6 +18,7 @@ from twisted.logger import Logger
 from pushd.redis.client import RedisLink
 from pushd.redis.target import RedisTarget
 
+#: (channel name without the route's prefix, message)
 MessageHandler = Callable[[str, bytes], None]
 
 
@@ -35,18 +38,17 @@ class ListenerProtocol(txredisapi.SubscriberProtocol):
 
 
 class Listener:
-    """Keeps one PSUBSCRIBE alive across reconnects and hands each message to `on_message(topic, payload)`."""
+    """Keeps the PSUBSCRIBEs alive across reconnects and hands each message to its route's handler."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, target: RedisTarget, channel_prefix: str, *, timeout: int,
-                 on_message: MessageHandler, begin_batch: Callable[[], None], flush: Callable[[], None]) -> None:
+    def __init__(self, reactor: Any, target: RedisTarget, routes: Mapping[str, MessageHandler], *, timeout: int,
+                 begin_batch: Callable[[], None], flush: Callable[[], None]) -> None:
         self._reactor = reactor
         self._target = target
         self._timeout = timeout
-        self._prefix = channel_prefix.encode()
-        self.pattern = channel_prefix + "*"
-        self._on_message = on_message
+        self._routes = [(prefix.encode(), len(prefix.encode()), handler) for prefix, handler in routes.items()]
+        self.patterns = [prefix + "*" for prefix in routes]
         self.begin_batch = begin_batch
         self.flush = flush
         self._link: RedisLink | None = None
@@ -65,19 +67,19 @@ class Listener:
         return self._first
 
     def _subscribe(self, conn: Any) -> None:
-        d = conn.psubscribe(self.pattern)
+        d = conn.psubscribe(self.patterns)
         d.addTimeout(self._timeout, self._reactor)
 
         def subscribed(_: Any) -> None:
             self.subscriptions += 1
-            self.log.info("listening for Redis messages on {pattern} ({target})", pattern=self.pattern,
-                          target=self._target.display)
+            self.log.info("listening for Redis messages on {patterns} ({target})",
+                          patterns=" ".join(self.patterns), target=self._target.display)
             if not self._first.called:
                 self._first.callback(None)
 
         def failed(failure: Any) -> None:
-            self.log.warn("PSUBSCRIBE {pattern} failed ({error}); reconnecting", pattern=self.pattern,
-                          error=failure.value)
+            self.log.warn("PSUBSCRIBE {patterns} failed ({error}); reconnecting",
+                          patterns=" ".join(self.patterns), error=failure.value)
             conn.transport.loseConnection()
 
         d.addCallbacks(subscribed, failed)
@@ -88,16 +90,19 @@ class Listener:
         self.log.warn("Redis listener connection lost; reconnecting to {target}", target=self._target.display)
 
     def received(self, channel: bytes, payload: bytes) -> None:
-        if not channel.startswith(self._prefix):
+        for prefix, length, handler in self._routes:
+            if channel.startswith(prefix):
+                break
+        else:
             self.bad_channels += 1
             return
         self.messages += 1
         try:
-            topic = channel[len(self._prefix):].decode("ascii")
+            name = channel[length:].decode("utf-8")
         except UnicodeDecodeError:
             self.bad_channels += 1
             return
-        self._on_message(topic, payload)
+        handler(name, payload)
 
     def stop(self) -> defer.Deferred[Any]:
         if self._link is None:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Self
 
@@ -26,6 +28,7 @@ RUNNING: list[PushdProcess] = []
 #: wss handshakes that stalled and were retried (see PushdProcess.client); reported at the end of the run.
 STALLED_HANDSHAKES: list[str] = []
 READY = re.compile(r"pushd ready: node (\S+), WebSocket at (.+), Redis")
+API = re.compile(r"HTTP API at (\S+)")
 
 
 def python_env(*paths: str) -> dict[str, str]:
@@ -40,7 +43,8 @@ class PushdProcess:
     """One pushd node on 127.0.0.1 with a TLS listener on a free port (port 0)."""
 
     def __init__(self, workdir: Path, *args: str, redis: str | None = None, node_id: str | None = None,
-                 tls: bool = True, listen: bool = True, pythonpath: tuple[str, ...] = ()) -> None:
+                 tls: bool = True, listen: bool = True, api: bool = True,
+                 pythonpath: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key, self.cert = ensure_localhost_certificate(str(self.workdir / "certs"))
@@ -55,6 +59,8 @@ class PushdProcess:
             argv += ["--redis", redis]
         if node_id:
             argv += ["--node-id", node_id]
+        if api and "--api-listen" not in args:
+            argv += ["--api-listen", "tcp:0:interface=127.0.0.1"]
         self.argv = argv + list(args)
         self.pythonpath = pythonpath
         self.lines: list[str] = []
@@ -62,6 +68,7 @@ class PushdProcess:
         self.proc: subprocess.Popen[str] | None = None
         RUNNING.append(self)
         self.url = ""
+        self.api_url = ""
         self.node_id = ""
 
     def start(self, timeout: float = 30) -> Self:
@@ -72,7 +79,26 @@ class PushdProcess:
         match = READY.search(line)
         assert match is not None
         self.node_id, self.url = match.group(1), match.group(2).split()[0]
+        for logged in self.lines:
+            api = API.search(logged)
+            if api:
+                self.api_url = api.group(1).removesuffix("/api")
         return self
+
+    def api(self, method: str, path: str, body: object = None, key: str | None = None,
+            timeout: float = 10) -> tuple[int, Any]:
+        """One HTTP API call: (status, decoded JSON body)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.api_url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if key is not None:
+            request.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 
 from tests.integration.pushd_process import TWISTD, PushdProcess, eventually, python_env, run_cli, run_pushd
 from tests.redis_server import free_port
@@ -24,8 +25,9 @@ def alive(pid: int) -> bool:
 
 
 def test_defaults_embedded_redis_generated_certificate_publish_and_stats(tmp_path):
-    with PushdProcess(tmp_path, listen=False) as node:
+    with PushdProcess(tmp_path, listen=False, api=False) as node:
         assert node.url == "wss://localhost:8443/ws"
+        assert node.api_url == "http://127.0.0.1:8081"
         assert (tmp_path / "certs" / "localhost.pem").exists()
         started = next(line for line in node.lines if "redis-server" in line and "pid" in line)
         redis_pid = int(re.search(r"pid[= ](\d+)", started).group(1))
@@ -35,8 +37,18 @@ def test_defaults_embedded_redis_generated_certificate_publish_and_stats(tmp_pat
         client.subscribe("AAPL")
         published = run_cli(tmp_path, "publish", "AAPL", '{"price":172.5}')
         assert published.returncode == 0, published.stderr
-        assert "1 node(s)" in published.stdout
-        assert client.recv() == {"topic": "AAPL", "data": {"price": 172.5}}
+        offset, epoch = re.search(r"at offset (\S+) \(epoch (\S+)\)", published.stdout).groups()
+        assert client.recv() == {"topic": "AAPL", "data": {"price": 172.5}, "offset": offset, "epoch": epoch}
+        plain = run_cli(tmp_path, "publish", "--plain", "AAPL", '{"price":173}')
+        assert "1 node(s)" in plain.stdout, plain.stderr
+        assert client.recv() == {"topic": "AAPL", "data": {"price": 173}}
+
+        api = urllib.request.Request("http://127.0.0.1:8081/api/publish", method="POST",
+                                     data=b'{"topic":"AAPL","data":{"price":174}}',
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(api, timeout=10) as response:
+            assert json.load(response)["topic"] == "AAPL"
+        assert client.recv()["data"] == {"price": 174}
 
         stats = run_cli(tmp_path, "stats")
         assert stats.returncode == 0, stats.stderr
@@ -74,6 +86,10 @@ def test_bad_settings_stop_start_up_with_one_line(tmp_path):
     conf.write_text("[pushd]\nmax-topic = 5\n")
     one_error_line(run_pushd(tmp_path, "--config", str(conf)), "pushd: max-topic: unknown key")
     one_error_line(run_pushd(tmp_path, "--hooks", "no.such.module"), "pushd: hooks: cannot import")
+    one_error_line(run_pushd(tmp_path, "--api-listen", "tcp:8081"), "pushd: api-listen: 'tcp:8081' is not loopback")
+    one_error_line(run_pushd(tmp_path, "--auth", "required"), "pushd: auth: required needs one of jwt-secret")
+    one_error_line(run_pushd(tmp_path, "--jwt-public-key", "nope.pem"), "pushd: jwt-public-key: cannot read")
+    one_error_line(run_pushd(tmp_path, "--history-rules", "x*=1/"), "pushd: history-rules: ")
 
 
 def test_port_in_use_stops_start_up_with_one_line(tmp_path, redis_server):
@@ -101,7 +117,7 @@ def test_daemon_mode_with_pidfile_and_logfile(tmp_path):
     pidfile.parent.mkdir()
     started = subprocess.run(
         [sys.executable, "-c", TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "pushd",
-         "--listen", "tcp:0:interface=127.0.0.1"],
+         "--listen", "tcp:0:interface=127.0.0.1", "--api-listen", "tcp:0:interface=127.0.0.1"],
         cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=60, check=False)
     assert started.returncode == 0, started.stdout + started.stderr
 
@@ -114,7 +130,7 @@ def test_daemon_mode_with_pidfile_and_logfile(tmp_path):
         runtime = json.loads((pidfile.parent / "pushd.runtime.json").read_text())
         assert runtime["pid"] == pid
         published = run_cli(tmp_path, "publish", "--pidfile", str(pidfile), "AAPL", "1")
-        assert published.returncode == 0 and "1 node(s)" in published.stdout, published.stderr
+        assert published.returncode == 0 and "published to AAPL at offset" in published.stdout, published.stderr
         stats = run_cli(tmp_path, "stats", "--pidfile", str(pidfile))
         assert "nodes: 1" in stats.stdout, stats.stderr
         os.kill(pid, signal.SIGTERM)

@@ -79,3 +79,56 @@ def test_tap_conf_and_configuration_md_are_generated_and_current():
 
 def test_tap_conf_loads_to_the_defaults():
     assert build_config({}, str(ROOT / "tap.conf")) == build_config({})
+
+
+# -- the API issue's settings -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given, start", [
+    ({"api-listen": "tcp:8081"}, "api-listen: 'tcp:8081' is not loopback-only"),
+    ({"api-listen": "tcp:8081:interface=0.0.0.0"}, "api-listen: "),
+    ({"auth": "required"}, "auth: required needs one of jwt-secret"),
+    ({"auth": "maybe"}, "auth: 'maybe' is not one of off, optional, required"),
+    ({"allow-patterns": "perhaps"}, "allow-patterns: 'perhaps' is not yes or no"),
+    ({"channel-prefix": "pushd:"}, "channel-prefix: 'pushd:' overlaps key-prefix"),
+    ({"history-size": "-1"}, "history-size: -1 is out of range"),
+])
+def test_api_settings_errors_name_the_setting(given, start):
+    with pytest.raises(ConfigError) as error:
+        build_config(given)
+    assert str(error.value).startswith(start)
+
+
+def test_api_keys_are_repeatable_and_open_the_api_beyond_loopback():
+    options = Options()
+    options.parseOptions(["--api-key", "k1", "--api-key", "k2", "--api-listen", "tcp:8081"])
+    config = build_config(options.given())
+    assert config.api_key == ("k1", "k2") and config.api_listen == "tcp:8081"
+
+
+@pytest.mark.parametrize("description, loopback", [
+    ("tcp:8081:interface=127.0.0.1", True),
+    ("tcp:8081:interface=127.0.0.2", True),
+    ("tcp:8081:interface=localhost", True),
+    ("tcp:8081:interface=\\:\\:1", True),
+    ("unix:/run/pushd-api.sock", True),
+    ("tcp:8081", False),
+    ("tcp:8081:interface=10.0.0.1", False),
+    ("ssl:8081:interface=0.0.0.0:privateKey=k", False),
+])
+def test_loopback_endpoints(description, loopback):
+    from pushd.config import is_loopback_endpoint
+
+    assert is_loopback_endpoint(description) is loopback
+
+
+def test_history_rules_and_key_files_are_checked_at_start_up(tmp_path):
+    from pushd.service import auth_policy, history_policies
+
+    with pytest.raises(ConfigError, match="^history-rules: "):
+        history_policies(build_config({"history-rules": "orders.*=lots/1"}))
+    assert history_policies(build_config({"history-rules": "orders.*=1000/3600"})).for_topic("orders.1").size == 1000
+    with pytest.raises(ConfigError, match="^jwt-public-key: "):
+        auth_policy(build_config({"jwt-public-key": str(tmp_path / "missing.pem")}))
+    with pytest.raises(ConfigError, match="^jwt-secret: "):
+        auth_policy(build_config({"jwt-secret": "x" * 32, "jwt-jwks": str(tmp_path / "k.json")}))
+    assert auth_policy(build_config({"jwt-secret": "x" * 32})).verifier is not None

@@ -1,25 +1,8 @@
 """The in-memory index and the fan-out: one frame per message, written to every subscriber."""
 
 from pushd.hub import Hub, frame_bytes
+from pushd.testing import FakeSubscriber as FakeConn
 from pushd.testing import RecordingObserver
-
-
-class FakeConn:
-    def __init__(self, conn_id, accept=True):
-        self.conn_id = conn_id
-        self.topics = set()
-        self.written = []
-        self.accept = accept
-        self.dropped = None
-
-    def write(self, data):
-        if not self.accept:
-            return False
-        self.written.append(data)
-        return True
-
-    def drop(self, reason):
-        self.dropped = reason
 
 
 def test_index_changes_are_reported_in_order():
@@ -128,3 +111,85 @@ def test_snapshot_lists_every_connection_with_its_topics():
     hub.add(b)
     hub.subscribe(a, ["X"])
     assert dict(hub.snapshot()) == {"n:a": ("X",), "n:b": ()}
+
+
+# -- holds (recovery), patterns, users ------------------------------------------------------------------------
+
+def test_a_held_subscription_keeps_live_messages_until_released():
+    from pushd.recovery import Position
+
+    observer = RecordingObserver()
+    hub = Hub(observer)
+    a, b = FakeConn("n:1"), FakeConn("n:2")
+    hub.add(a)
+    hub.add(b)
+    hub.subscribe(b, ["X"])
+    assert hub.subscribe(a, ["X"], held=["X"]) == ("X",)
+    assert ("subscribed", "n:1", ("X",)) in observer.events
+    hub.publish("X", b"1", Position("5-0", "e"))
+    hub.publish("X", b"2")
+    assert a.written == [] and len(b.written) == 2
+    held = hub.release(a, "X")
+    assert held == [("5-0", frame_bytes("X", b"1", Position("5-0", "e"))), (None, frame_bytes("X", b"2"))]
+    hub.publish("X", b"3")
+    assert a.written == [frame_bytes("X", b"3")]
+    assert hub.release(a, "X") is None
+
+
+def test_a_held_subscription_dropped_before_release_is_gone():
+    hub = Hub()
+    a = FakeConn("n:1")
+    hub.add(a)
+    hub.subscribe(a, ["X"], held=["X"])
+    hub.unsubscribe(a, ["X"])
+    hub.publish("X", b"1")
+    assert hub.release(a, "X") is None
+    hub.subscribe(a, ["Y"], held=["Y"])
+    hub.remove(a)
+    assert hub.release(a, "Y") is None
+    hub.publish("Y", b"1")
+    assert a.written == []
+
+
+def test_pattern_subscribers_get_each_message_once():
+    hub = Hub()
+    a, b = FakeConn("n:1"), FakeConn("n:2")
+    hub.add(a)
+    hub.add(b)
+    hub.subscribe(a, ["sh600*", "sh600519", "sh*"])
+    hub.subscribe(b, ["orders.eu.*"])
+    assert hub.publish("sh600519", b"1") == 1
+    assert hub.publish("orders.eu.fr", b"2") == 1
+    assert hub.publish("orders.us.ny", b"3") == 0
+    assert a.written == [frame_bytes("sh600519", b"1")]
+    assert b.written == [frame_bytes("orders.eu.fr", b"2")]
+    hub.begin_batch()
+    hub.publish("sh600000", b"4")
+    hub.publish("orders.eu.de", b"5")
+    hub.flush()
+    assert a.written[-1] == frame_bytes("sh600000", b"4")
+    assert b.written[-1] == frame_bytes("orders.eu.de", b"5")
+    hub.unsubscribe(a, ["sh600*", "sh*"])
+    hub.publish("sh600001", b"6")
+    assert len(a.written) == 2
+    assert hub.subscriber_count("orders.eu.*") == 1
+    hub.remove(b)
+    assert hub.publish("orders.eu.fr", b"7") == 0
+
+
+def test_users_and_their_connections():
+    hub = Hub()
+    a, b, c = FakeConn("n:1"), FakeConn("n:2"), FakeConn("n:3")
+    for conn in (a, b, c):
+        hub.add(conn)
+    hub.identify(a, "alice")
+    hub.identify(b, "alice")
+    hub.identify(c, "bob")
+    assert set(hub.user_connections("alice")) == {a, b}
+    hub.identify(b, "bob")
+    assert hub.user_connections("alice") == (a,)
+    hub.remove(a)
+    assert hub.user_connections("alice") == ()
+    assert set(hub.user_connections("bob")) == {b, c}
+    hub.identify(a, "ghost")
+    assert hub.user_connections("ghost") == ()

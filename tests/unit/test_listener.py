@@ -24,9 +24,13 @@ class Recorder:
     def message(self, topic, payload):
         self.events.append((topic, payload))
 
+    def user(self, user, payload):
+        self.events.append(("user", user, payload))
+
 
 def make_listener(recorder):
-    listener = Listener(None, RedisTarget("redis", host="h"), "push:", timeout=1, on_message=recorder.message,
+    listener = Listener(None, RedisTarget("redis", host="h"),
+                        {"push:": recorder.message, "pushd:user:": recorder.user}, timeout=1,
                         begin_batch=recorder.begin, flush=recorder.flush)
     protocol = ListenerProtocol(charset=None, convertNumbers=False)
 
@@ -66,3 +70,11 @@ def test_channels_that_are_not_topics_are_counted_and_skipped():
     protocol.dataReceived(pmessage(b"other:AAPL", b"1") + pmessage(b"push:\xff", b"1"))
     assert [e for e in recorder.events if isinstance(e, tuple)] == []
     assert listener.bad_channels == 2
+
+
+def test_each_route_gets_the_channel_name_without_its_prefix():
+    recorder = Recorder()
+    listener, protocol = make_listener(recorder)
+    protocol.dataReceived(pmessage(b"pushd:user:42", b"hi") + pmessage(b"push:AAPL", b"1"))
+    assert recorder.events == ["begin", ("user", "42", b"hi"), ("AAPL", b"1"), "flush"]
+    assert listener.patterns == ["push:*", "pushd:user:*"]

@@ -1,0 +1,234 @@
+"""Builds the HTTP API's OpenAPI 3.1 document from `pushd.api.ROUTES` and the schemas below, so it cannot drift.
+
+`python -m pushd.openapi` rewrites docs/openapi.json; a test fails when the file is out of date or misses a route,
+and `GET /api/openapi.json` serves the same document.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pushd import __version__, api, protocol
+
+Schema = dict[str, Any]
+
+
+def _ref(kind: str, name: str) -> Schema:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _schema(name: str) -> Schema:
+    return _ref("schemas", name)
+
+
+def _object(properties: dict[str, Schema], required: tuple[str, ...] | None = None, **extra: Any) -> Schema:
+    return {"type": "object", "properties": properties,
+            "required": list(properties if required is None else required), "additionalProperties": False, **extra}
+
+
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_PER_NODE: Schema = {"type": "object", "additionalProperties": _COUNT}
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": _object({"error": _object({
+        "code": {"type": "string", "enum": list(api.ErrorCode.ALL)},
+        "message": {"type": "string", "description": "What was wrong, naming the field, e.g. "
+                                                     "\"messages[3].topic: topic names must not be empty\"."},
+    })}),
+    "Topic": {"type": "string", "minLength": 1,
+              "description": f"A topic name: characters from {protocol.TOPIC_ALPHABET}, at most max-topic-length "
+                             "(default 128)."},
+    "Data": {"description": "Any JSON value, null included; subscribers receive its compact JSON text."},
+    "Message": _object({"topic": _schema("Topic"), "data": _schema("Data")}),
+    "PublishBatch": _object({"messages": {"type": "array", "items": _schema("Message"), "minItems": 1,
+                                          "description": "At most max_batch messages (default 1000)."}}),
+    "PublishRequest": {"oneOf": [_schema("Message"), _schema("PublishBatch")]},
+    "Published": _object({
+        "topic": _schema("Topic"),
+        "offset": {"type": ["string", "null"], "description": "The message's place in the topic's history; "
+                                                             "null when the topic keeps no history."},
+        "epoch": {"type": ["string", "null"], "description": "The history's epoch; null with offset."},
+    }),
+    "PublishResult": {"oneOf": [_schema("Published"),
+                                _object({"results": {"type": "array", "items": _schema("Published"),
+                                                     "description": "One result per message, in order."}})]},
+    "UserPublishRequest": _object({"data": _schema("Data")}),
+    "UserNodes": _object({"user": {"type": "string"},
+                          "nodes": {**_COUNT, "description": "How many nodes the request reached."}}),
+    "BroadcastRequest": _object({
+        "data": _schema("Data"),
+        "key": {"type": ["string", "null"], "minLength": 1, "maxLength": api.MAX_KEY_LENGTH,
+                "description": "Deduplication key: a second broadcast with the same key within the dedup window "
+                               "is not sent again and answers 200 with the first broadcast's id."},
+    }, required=("data",)),
+    "BroadcastResult": _object({"id": {"type": "string"},
+                                "duplicate": {"type": "boolean",
+                                              "description": "true: the key was seen within the dedup window."}}),
+    "BroadcastStatus": {"type": "object", "additionalProperties": True,
+                        "description": "The broadcast's delivery status, as the cluster reports it."},
+    "Topics": _object({"topics": {**_PER_NODE, "description": "Topic name -> subscribers, cluster-wide."}}),
+    "TopicSubscribers": _object({
+        "topic": _schema("Topic"),
+        "nodes": {**_PER_NODE, "description": "Node id -> subscribers of the topic on that node."},
+        "subscribers": {**_COUNT, "description": "The sum over the nodes."},
+    }),
+    "Nodes": _object({"nodes": {"type": "array", "items": {"type": "object", "additionalProperties": True}}}),
+    "Disconnected": _object({"disconnected": {"const": True}}),
+    "OpenApiDocument": {"type": "object", "description": "This document."},
+}
+
+_ID_RULES = f"Percent-decoded; non-empty, at most {api.MAX_ID_LENGTH} characters, no '/' or control characters."
+
+PARAMETERS: dict[str, Schema] = {
+    "user": {"name": "user", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": f"A user id. {_ID_RULES}"},
+    "conn_id": {"name": "conn_id", "in": "path", "required": True, "schema": {"type": "string"},
+                "description": f"A connection id. {_ID_RULES}"},
+    "id": {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": f"A broadcast id. {_ID_RULES}"},
+    "topic": {"name": "topic", "in": "path", "required": True, "schema": _schema("Topic"),
+              "description": "A topic name, percent-decoded; a '/' in it may be sent as is or as %2F."},
+    "code": {"name": "code", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": api.CLOSE_CODES.start, "maximum": api.CLOSE_CODES.stop - 1,
+                        "default": api.DEFAULT_CLOSE_CODE},
+             "description": "The WebSocket close code the connections are closed with."},
+    "reason": {"name": "reason", "in": "query", "required": False,
+               "schema": {"type": "string", "default": api.DEFAULT_REASON},
+               "description": f"The close reason: at most {api.MAX_REASON_BYTES} bytes of UTF-8."},
+}
+
+
+def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
+    response: Schema = {"description": description, "content": {"application/json": {"schema": _schema("Error")}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+RESPONSES: dict[str, Schema] = {
+    "BadRequest": _error("The body is not JSON, or a field or parameter is invalid; the message names it."),
+    "Unauthorized": _error("The bearer key is missing or wrong (only when the server has API keys).",
+                           {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    "NotFound": _error("No such thing."),
+    "PayloadTooLarge": _error("The body is over the server's max body size (by Content-Length or actual size)."),
+    "UnsupportedMediaType": _error("The Content-Type is given and is not application/json."),
+    "Unavailable": _error("The cluster did not answer (Redis is down or slow); try again."),
+}
+
+_ERROR_RESPONSES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge",
+                    415: "UnsupportedMediaType", 503: "Unavailable"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Operation:
+    """What the route table does not say about an operation: its bodies, answers and query parameters."""
+
+    responses: dict[int, tuple[str, str]]  # status -> (description, schema name)
+    request: str | None = None
+    query: tuple[str, ...] = ()
+    not_found: bool = False
+    backend: bool = True
+
+
+OPERATIONS: dict[str, _Operation] = {
+    "publish": _Operation({200: ("Published; one result, or one per message of a batch.", "PublishResult")},
+                          request="PublishRequest"),
+    "publishToUser": _Operation({200: ("Sent to the nodes that have the user's connections.", "UserNodes")},
+                                request="UserPublishRequest"),
+    "broadcast": _Operation({202: ("Accepted: the broadcast is on its way.", "BroadcastResult"),
+                             200: ("A duplicate: the key was seen within the dedup window; nothing sent.",
+                                   "BroadcastResult")},
+                            request="BroadcastRequest"),
+    "broadcastStatus": _Operation({200: ("The broadcast's status.", "BroadcastStatus")}, not_found=True),
+    "topics": _Operation({200: ("Topics with subscribers.", "Topics")}),
+    "topic": _Operation({200: ("The topic's subscribers per node (none: empty).", "TopicSubscribers")}),
+    "nodes": _Operation({200: ("The live nodes.", "Nodes")}),
+    "disconnectConnection": _Operation({200: ("The connection is being closed.", "Disconnected")},
+                                       query=("code", "reason"), not_found=True),
+    "disconnectUser": _Operation({200: ("The nodes were told to close the user's connections.", "UserNodes")},
+                                 query=("code", "reason")),
+    "openapi": _Operation({200: ("This document.", "OpenApiDocument")}, backend=False),
+}
+
+DESCRIPTION = """\
+Publish to topics, send to users, broadcast, look at subscriptions and close connections over HTTP.
+
+Every request but `GET /api/openapi.json` needs `Authorization: Bearer <key>` with one of the server's API keys;
+a server configured without keys asks for none (it should then listen on loopback only). Bodies are JSON
+(`Content-Type: application/json`, or none) of at most the server's max body size. Every error answers
+`{"error": {"code", "message"}}`; the message names the field at fault.
+"""
+
+
+def _operation(route: api.Route) -> Schema:
+    spec = OPERATIONS[route.name]
+    operation: Schema = {"operationId": route.name, "summary": route.summary}
+    parameters = [_ref("parameters", name) for name in (*route.params, *spec.query)]
+    if parameters:
+        operation["parameters"] = parameters
+    if spec.request is not None:
+        operation["requestBody"] = {"required": True,
+                                    "content": {"application/json": {"schema": _schema(spec.request)}}}
+    responses: Schema = {str(status): {"description": description,
+                                       "content": {"application/json": {"schema": _schema(schema)}}}
+                         for status, (description, schema) in spec.responses.items()}
+    errors = set()
+    if spec.request is not None or parameters:
+        errors.add(400)
+    if spec.request is not None:
+        errors.update((413, 415))
+    if route.auth:
+        errors.add(401)
+    else:
+        operation["security"] = []
+    if spec.not_found:
+        errors.add(404)
+    if spec.backend:
+        errors.add(503)
+    for status in sorted(errors):
+        responses[str(status)] = _ref("responses", _ERROR_RESPONSES[status])
+    operation["responses"] = responses
+    return operation
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document of every route in `pushd.api.ROUTES`."""
+    names = [route.name for route in api.ROUTES]
+    if sorted(names) != sorted(OPERATIONS):
+        raise ValueError(f"pushd.openapi: routes and OPERATIONS differ: routes {sorted(set(names) - set(OPERATIONS))} "
+                         f"have no operation, operations {sorted(set(OPERATIONS) - set(names))} have no route")
+    paths: dict[str, dict[str, Schema]] = {}
+    for route in api.ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pushd HTTP API", "version": __version__, "description": DESCRIPTION},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "One of the server's API keys."}},
+            "schemas": SCHEMAS,
+            "parameters": PARAMETERS,
+            "responses": RESPONSES,
+        },
+    }
+
+
+def render() -> str:
+    """docs/openapi.json's text: sorted keys, two-space indent, a trailing newline."""
+    return json.dumps(document(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(root: str = ".") -> int:
+    Path(root, "docs", "openapi.json").write_text(render(), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,341 @@
+"""History's publishing, recovery verdicts and merged reads, driven through a fake Redis link.
+
+The Lua scripts themselves run against a real redis-server in tests/integration/test_history_scripts.py.
+"""
+
+import pytest
+from twisted.internet import defer
+
+from pushd.recovery import Position
+from pushd.redis.history import (
+    LATEST_SCRIPT,
+    PUBLISH_SCRIPT,
+    RECOVER_SCRIPT,
+    History,
+    HistoryKeys,
+    HistoryPolicies,
+    HistoryPolicy,
+    RecoveryFailed,
+    Replay,
+    encode_envelope,
+    parse_envelope,
+)
+
+
+class FakeLink:
+    """Records every call and answers each with a Deferred the test fires by hand."""
+
+    def __init__(self):
+        self.calls = []
+        self.pending = []
+
+    def call(self, method, *args, **kwargs):
+        self.calls.append((method, args))
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def answer(self, *replies):
+        for reply in replies:
+            self.pending.pop(0).callback(reply)
+
+
+def results(d):
+    """The result a Deferred fired with (re-raising its failure)."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], defer.Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+POLICIES = HistoryPolicies(HistoryPolicy(100, 600), [("ticks.*", HistoryPolicy(0, 0))])
+
+
+def make_history(replay_limit=3):
+    link = FakeLink()
+    history = History(link, HistoryKeys("p:"), POLICIES, channel_prefix="push:", replay_limit=replay_limit)
+    return link, history
+
+
+def entries(*offsets, encoding=None):
+    rows = [[o, ["d", f"m{o}"]] for o in offsets]
+    if encoding:
+        rows = [[o.encode(), [b"d", m.encode()]] for o, (_, m) in rows]
+    return rows
+
+
+# -- publish ------------------------------------------------------------------------------------------------
+
+def test_publish_sends_every_command_before_any_answer_and_keeps_the_order():
+    link, history = make_history()
+    d = history.publish([("A", b"1"), ("ticks.x", b"2"), ("B", b"3")])
+    assert [c[0] for c in link.calls] == ["eval", "publish", "eval"]
+    assert link.calls[0][1] == (PUBLISH_SCRIPT, ["p:history:A", "p:epoch:A"], ["p:pub:A", b"1", "100", "600"])
+    assert link.calls[1][1] == ("push:ticks.x", b"2")
+    assert link.calls[2][1] == (PUBLISH_SCRIPT, ["p:history:B", "p:epoch:B"], ["p:pub:B", b"3", "100", "600"])
+    link.pending[2].callback([b"7-0", b"e1"])
+    link.pending[0].callback(["5-0", "e1"])
+    assert not d.called
+    link.pending[1].callback(3)
+    assert results(d) == [Position("5-0", "e1"), None, Position("7-0", "e1")]
+
+
+def test_publish_of_nothing_is_an_empty_list():
+    link, history = make_history()
+    assert results(history.publish([])) == []
+    assert link.calls == []
+
+
+def test_a_failed_publish_fails_the_call_with_the_redis_error():
+    link, history = make_history()
+    d = history.publish([("A", b"1"), ("B", b"2")])
+    link.pending[0].callback(["1-0", "e"])
+    link.pending[1].errback(TimeoutError("redis: EVAL got no answer"))
+    with pytest.raises(TimeoutError, match="EVAL got no answer"):
+        results(d)
+
+
+# -- recover ------------------------------------------------------------------------------------------------
+
+def recover(history, link, since, reply):
+    d = history.recover("A", since)
+    link.answer(reply)
+    return results(d)
+
+
+def test_recover_asks_from_since_inclusive_for_two_more_than_the_limit():
+    link, history = make_history(replay_limit=3)
+    history.recover("A", Position("5-0", "e"))
+    assert link.calls == [("eval", (RECOVER_SCRIPT, ["p:history:A", "p:epoch:A"], ["5-0", "5"]))]
+
+
+@pytest.mark.parametrize("encoding", [None, "bytes"])
+def test_a_good_replay_is_the_entries_after_since(encoding):
+    link, history = make_history()
+    epoch = b"e" if encoding else "e"
+    reply = [epoch, entries("5-0", "6-0", "10-0", encoding=encoding)]
+    assert recover(history, link, Position("5-0", "e"), reply) == Replay("e", (("6-0", b"m6-0"), ("10-0", b"m10-0")))
+
+
+def test_nothing_missed_is_an_empty_replay():
+    link, history = make_history()
+    assert recover(history, link, Position("5-0", "e"), ["e", entries("5-0")]) == Replay("e", ())
+
+
+def test_exactly_the_limit_is_replayed_one_more_fails():
+    link, history = make_history(replay_limit=3)
+    got = recover(history, link, Position("1-0", "e"), ["e", entries("1-0", "2-0", "3-0", "4-0")])
+    assert isinstance(got, Replay) and len(got.entries) == 3
+    got = recover(history, link, Position("1-0", "e"), ["e", entries("1-0", "2-0", "3-0", "4-0", "5-0")])
+    assert got == RecoveryFailed("more than 3 messages missed")
+
+
+def test_an_epoch_mismatch_fails():
+    link, history = make_history()
+    got = recover(history, link, Position("5-0", "old"), ["new", entries("5-0", "6-0")])
+    assert got == RecoveryFailed("history epoch changed (Redis lost it)")
+
+
+def test_a_missing_epoch_fails():
+    link, history = make_history()
+    got = recover(history, link, Position("5-0", "e"), [None, []])
+    assert isinstance(got, RecoveryFailed) and "no longer reaches back to 5-0" in got.reason
+
+
+@pytest.mark.parametrize("found", [[], entries("6-0", "7-0")])
+def test_when_since_itself_is_gone_the_history_no_longer_reaches_back(found):
+    link, history = make_history()
+    got = recover(history, link, Position("5-0", "e"), ["e", found])
+    assert got == RecoveryFailed("history no longer reaches back to 5-0")
+
+
+def test_a_topic_without_history_or_a_bad_offset_fails_without_asking_redis():
+    link, history = make_history()
+    got = results(history.recover("ticks.x", Position("5-0", "e")))
+    assert got == RecoveryFailed("topic 'ticks.x' keeps no history")
+    got = results(history.recover("A", Position("five", "e")))
+    assert got == RecoveryFailed("'five' is not a stream offset")
+    assert link.calls == []
+
+
+# -- merged reads -------------------------------------------------------------------------------------------
+
+def test_identical_reads_in_flight_share_one_call_each_judged_by_its_own_epoch():
+    link, history = make_history()
+    ds = [history.recover("A", Position("5-0", epoch)) for epoch in ("e", "e", "old")]
+    assert len(link.calls) == 1
+    link.answer(["e", entries("5-0", "6-0")])
+    assert [results(d) for d in ds] == [Replay("e", (("6-0", b"m6-0"),)), Replay("e", (("6-0", b"m6-0"),)),
+                                        RecoveryFailed("history epoch changed (Redis lost it)")]
+    assert (history.reads, history.merged_reads) == (1, 2)
+
+
+def test_reads_of_other_offsets_or_topics_are_separate_calls():
+    link, history = make_history()
+    history.recover("A", Position("5-0", "e"))
+    history.recover("A", Position("6-0", "e"))
+    history.recover("B", Position("5-0", "e"))
+    assert [c[1][2][0] for c in link.calls] == ["5-0", "6-0", "5-0"]
+    assert [c[1][1][0] for c in link.calls] == ["p:history:A", "p:history:A", "p:history:B"]
+
+
+def test_a_read_after_the_first_finished_is_a_new_call():
+    link, history = make_history()
+    first = history.recover("A", Position("5-0", "e"))
+    link.answer(["e", entries("5-0")])
+    assert results(first) == Replay("e", ())
+    second = history.recover("A", Position("5-0", "e"))
+    assert len(link.calls) == 2
+    link.answer(["e", entries("5-0", "6-0")])
+    assert results(second) == Replay("e", (("6-0", b"m6-0"),))
+
+
+def test_a_caller_asking_again_from_its_callback_starts_a_new_read():
+    link, history = make_history()
+    again = []
+    history.recover("A", Position("5-0", "e")).addCallback(
+        lambda _: again.append(history.recover("A", Position("5-0", "e"))))
+    link.answer(["e", entries("5-0")])
+    assert len(link.calls) == 2 and not again[0].called
+
+
+def test_a_failing_read_errbacks_every_merged_caller():
+    link, history = make_history()
+    ds = [history.recover("A", Position("5-0", "e")) for _ in range(3)]
+    link.pending.pop().errback(ConnectionError("lost"))
+    for d in ds:
+        with pytest.raises(ConnectionError, match="lost"):
+            results(d)
+    d = history.recover("A", Position("5-0", "e"))
+    assert len(link.calls) == 2 and not d.called
+
+
+def test_an_unreadable_reply_errbacks_instead_of_hanging():
+    link, history = make_history()
+    d = history.recover("A", Position("5-0", "e"))
+    link.answer("not a reply")
+    with pytest.raises(ValueError):
+        results(d)
+
+
+# -- latest -------------------------------------------------------------------------------------------------
+
+def test_latest_is_the_newest_entry_with_its_position():
+    link, history = make_history()
+    d = history.latest("A")
+    assert link.calls == [("eval", (LATEST_SCRIPT, ["p:history:A", "p:epoch:A"], []))]
+    link.answer([b"e", entries("9-3", encoding="bytes")])
+    assert results(d) == (Position("9-3", "e"), b"m9-3")
+
+
+@pytest.mark.parametrize("reply", [[None, []], ["e", []], [None, entries("1-0")]])
+def test_latest_of_an_empty_or_lost_history_is_none(reply):
+    link, history = make_history()
+    d = history.latest("A")
+    link.answer(reply)
+    assert results(d) is None
+
+
+def test_latest_of_a_topic_without_history_is_none_without_asking_redis():
+    link, history = make_history()
+    assert results(history.latest("ticks.x")) is None
+    assert link.calls == []
+
+
+def test_identical_latest_reads_in_flight_share_one_call():
+    link, history = make_history()
+    ds = [history.latest("A") for _ in range(3)]
+    other = history.latest("B")
+    assert len(link.calls) == 2
+    link.answer(["e", entries("2-0")], ["e", []])
+    assert [results(d) for d in ds] == [(Position("2-0", "e"), b"m2-0")] * 3
+    assert results(other) is None
+    history.latest("A")
+    assert len(link.calls) == 3
+
+
+def test_a_failing_latest_read_errbacks_every_merged_caller():
+    link, history = make_history()
+    ds = [history.latest("A") for _ in range(2)]
+    link.pending.pop().errback(TimeoutError("slow"))
+    for d in ds:
+        with pytest.raises(TimeoutError):
+            results(d)
+
+
+def test_a_payload_the_link_decoded_comes_back_as_the_same_bytes():
+    link, history = make_history()
+    d = history.latest("A")
+    link.answer(["e", [["1-0", ["d", "caf\u00e9"]]]])
+    assert results(d) == (Position("1-0", "e"), "caf\u00e9".encode())
+
+
+# -- policies -----------------------------------------------------------------------------------------------
+
+def test_policies_first_match_wins_else_the_default():
+    policies = HistoryPolicies.parse(50, 60, "orders.eu.*=10/20\norders.*=1000/3600; ticks.*=0/0\n\n")
+    assert policies.for_topic("orders.eu.1") == HistoryPolicy(10, 20)
+    assert policies.for_topic("orders.us.1") == HistoryPolicy(1000, 3600)
+    assert policies.for_topic("ticks.AAPL") == HistoryPolicy(0, 0)
+    assert policies.for_topic("other") == HistoryPolicy(50, 60)
+    assert policies.for_topic("ORDERS.x") == HistoryPolicy(50, 60)  # patterns are case-sensitive
+
+
+def test_policies_without_rules():
+    assert HistoryPolicies.parse(0, 0, "").for_topic("x") == HistoryPolicy(0, 0)
+    assert HistoryPolicies(HistoryPolicy(1, 1)).for_topic("x") == HistoryPolicy(1, 1)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("orders.*=x/1", "'orders.*=x/1': size 'x' is not a whole number"),
+    ("orders.*=1/x", "'orders.*=1/x': ttl 'x' is not a whole number"),
+    ("orders.*=-1/1", "'orders.*=-1/1': size '-1' is not a whole number"),
+    ("orders.*=100001/1", "'orders.*=100001/1': size 100001 is out of range (0..100000, 0 = no history)"),
+    ("orders.*=1/0", "'orders.*=1/0': ttl 0 is out of range (1..2592000 seconds; 0 only with size 0)"),
+    ("orders.*=1/2592001", "'orders.*=1/2592001': ttl 2592001 is out of range"),
+    ("orders.*", "'orders.*': expected PATTERN=SIZE/TTL"),
+    ("orders.*=100", "'orders.*=100': expected PATTERN=SIZE/TTL"),
+    ("=1/1", "'=1/1': the topic pattern is empty"),
+    ("a=1/1; b=2", "'b=2': expected PATTERN=SIZE/TTL"),
+])
+def test_a_bad_rule_is_named_in_a_one_line_error(text, message):
+    with pytest.raises(ValueError) as error:
+        HistoryPolicies.parse(10, 10, text)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_default_is_an_error_too():
+    with pytest.raises(ValueError, match="^default history 10/0: ttl 0 is out of range"):
+        HistoryPolicies.parse(10, 0, "")
+    assert HistoryPolicies.parse(0, 5, "").default == HistoryPolicy(0, 5)
+
+
+def test_keys():
+    keys = HistoryKeys("p:")
+    assert (keys.stream("A"), keys.epoch("A"), keys.channel("A")) == ("p:history:A", "p:epoch:A", "p:pub:A")
+
+
+# -- envelopes ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"", b"{}", b"\xff\n\nlines", b"1-0 e\nnested"])
+def test_envelope_round_trip(payload):
+    message = encode_envelope("1700000000000-3", "1700000000123456", payload)
+    assert message == b"1700000000000-3 1700000000123456\n" + payload
+    assert parse_envelope(message) == ("1700000000000-3", "1700000000123456", payload)
+
+
+@pytest.mark.parametrize("message", [
+    b"", b"no newline", b"1-0 e", b"\n", b"1-0\npayload", b"1-0 \npayload", b" 1-0 e\n", b"1-0  e\n",
+    b"1 e\n", b"x-0 e\n", b"-1-0 e\n", b"1-0 e e\n", b"1-0 \xff\n", b"18446744073709551616-0 e\n",
+    b"0-18446744073709551616 e\n", b"1-0\te\n", b'{"plain": "json"}',
+])
+def test_malformed_envelopes_are_none(message):
+    assert parse_envelope(message) is None
+
+
+def test_the_largest_offset_is_an_envelope():
+    assert parse_envelope(b"18446744073709551615-18446744073709551615 e\nx") == (
+        "18446744073709551615-18446744073709551615", "e", b"x")
