@@ -54,6 +54,7 @@ const DEFAULTS = {
   stallTimeout: 10, // throughput: seconds without progress before giving up
   role: 'main',
   offset: 0,
+  patterns: 0, // 1: topics are t<j>.q and every connection subscribes to the pattern t<j>.* instead
 };
 
 function parseArgs(argv) {
@@ -80,6 +81,7 @@ function parseArgs(argv) {
   if (opts.mode === 'throughput' && opts.topics !== 1) throw new Error('throughput mode uses exactly 1 topic');
   if (opts.connections < 1 || opts.topics < 1 || opts.procs < 1) throw new Error('connections/topics/procs >= 1');
   if (opts.connections < opts.topics) throw new Error('need at least one connection per topic');
+  PATTERNS = opts.patterns === 1;
   return opts;
 }
 
@@ -95,8 +97,15 @@ function event(name, fields = {}) {
   process.stderr.write(`@@ ${JSON.stringify({ event: name, pid: process.pid, t: nowUs(), ...fields })}\n`);
 }
 
+let PATTERNS = false;
+
 function topicName(j) {
-  return `t${j}`;
+  return PATTERNS ? `t${j}.q` : `t${j}`;
+}
+
+/** What a connection subscribes to for topic j: the topic itself, or (--patterns 1) a pattern matching only it. */
+function subscriptionName(j) {
+  return PATTERNS ? `t${j}.*` : topicName(j);
 }
 
 function sleep(ms) {
@@ -332,7 +341,7 @@ class Fleet {
   subscribe() {
     const start = nowUs();
     const frames = Array.from({ length: this.opts.topics }, (_, j) =>
-      JSON.stringify({ op: 'subscribe', topics: [topicName(j)] }),
+      JSON.stringify({ op: 'subscribe', topics: [subscriptionName(j)] }),
     );
     return new Promise((resolve, reject) => {
       const timer = setTimeout(

