@@ -30,15 +30,34 @@ if TYPE_CHECKING:
 
 
 class ApiBackend(Protocol):
-    def publish(self, messages: Sequence[tuple[str, bytes]]) -> Deferred[list[Position | None]]: ...      # payload = compact JSON text of `data`; None = topic has no history (no offset)
-    def publish_to_user(self, user: str, payload: bytes) -> Deferred[int]: ...                            # number of nodes that received it
-    def broadcast(self, payload: bytes, key: str | None) -> Deferred[tuple[str, bool]]: ...               # (broadcast id, created); created False: key seen within the dedup window, id is the first broadcast's
-    def broadcast_status(self, broadcast_id: str) -> Deferred[dict[str, Any] | None]: ...                 # None: unknown id; else a JSON-ready dict (pass through)
-    def topics(self) -> Deferred[dict[str, int]]: ...                                                     # topic -> subscribers, cluster-wide
-    def topic(self, topic: str) -> Deferred[dict[str, int]]: ...                                          # node id -> subscribers of that topic
-    def nodes(self) -> Deferred[list[dict[str, Any]]]: ...
-    def disconnect_connection(self, conn_id: str, code: int, reason: str) -> Deferred[bool]: ...           # False: no such connection
-    def disconnect_user(self, user: str, code: int, reason: str) -> Deferred[int]: ...                    # nodes told
+    """What the API asks of the cluster (`pushd.cluster.Cluster` in a node; a fake in the tests)."""
+
+    def publish(self, messages: Sequence[tuple[str, bytes]]) -> Deferred[list[Position | None]]:
+        """Publish (topic, compact JSON payload) pairs; a position each, None for a topic without history."""
+
+    def publish_to_user(self, user: str, payload: bytes) -> Deferred[int]:
+        """Send to every connection of `user`; the number of nodes that received it."""
+
+    def broadcast(self, payload: bytes, key: str | None) -> Deferred[tuple[str, bool]]:
+        """(broadcast id, created); not created when `key` was seen within the window (the first id then)."""
+
+    def broadcast_status(self, broadcast_id: str) -> Deferred[dict[str, Any] | None]:
+        """A JSON-ready report of a broadcast, or None for an unknown id."""
+
+    def topics(self) -> Deferred[dict[str, int]]:
+        """topic -> subscribers, cluster-wide."""
+
+    def topic(self, topic: str) -> Deferred[dict[str, int]]:
+        """node id -> subscribers of `topic`."""
+
+    def nodes(self) -> Deferred[list[dict[str, Any]]]:
+        """Every node's record."""
+
+    def disconnect_connection(self, conn_id: str, code: int, reason: str) -> Deferred[bool]:
+        """Close one connection; False when there is no such connection."""
+
+    def disconnect_user(self, user: str, code: int, reason: str) -> Deferred[int]:
+        """Close every connection of `user`; the number of nodes told."""
 
 
 _T = TypeVar("_T")
