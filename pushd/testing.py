@@ -114,7 +114,13 @@ def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
 
 
 class _Transport(StringTransport):
-    """StringTransport that, like Twisted's socket and TLS transports, lets a missing producer be unregistered."""
+    """StringTransport that, like Twisted's socket and TLS transports, lets a missing producer be unregistered
+    and records TCP_NODELAY."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
 
     def unregisterProducer(self) -> None:
         if self.producer is not None:

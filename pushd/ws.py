@@ -72,6 +72,17 @@ class PushConnection(WebSocketServerProtocol):
     _expiry_timer: Any = None
     _grace_timer: Any = None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn asks for TCP_NODELAY before it has copied the factory's tcpNoDelay onto the protocol, and
+        # swallows the AttributeError, so without this Nagle's algorithm holds every small write (pongs,
+        # replies, single messages) until the client acknowledges the previous one: up to its delayed-ACK
+        # time (about 40 ms) per write. A TLS transport passes the call on to the TCP socket.
+        try:
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        except (AttributeError, OSError):
+            pass  # not a TCP socket (a unix socket, a test transport)
+
     def onConnect(self, request: ConnectionRequest) -> None:
         if request.path != self.factory.ws_path:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no WebSocket endpoint at {request.path}")

@@ -19,6 +19,10 @@ def test_handshake_on_the_ws_path_only():
     assert node.connect("/other").status == 404
 
 
+def test_nagle_is_off_for_every_connection():
+    assert MemoryNode().connect().transport.no_delay is True
+
+
 def test_connection_ids_are_node_scoped_and_unique():
     node = MemoryNode(node_id="host:42")
     a, b = node.connect(), node.connect()
