@@ -22,31 +22,43 @@ from pushd.recovery import MAX_PART, Position, is_offset, offset_key
 MAX_SIZE = 100_000
 MAX_TTL = 30 * 24 * 3600
 
-#: Append a message to its topic's history and publish it, atomically.
+#: Append messages to their topics' histories and publish them, atomically.
 #:
-#: KEYS: stream, epoch key. ARGV: channel, payload, maxlen (entries kept), ttl (seconds; 0 = no expiry).
-#: Returns {offset, epoch}; the channel gets b"<offset> <epoch>\n" + payload (`parse_envelope`).
+#: One message: KEYS stream, epoch key; ARGV channel, payload, maxlen (entries kept), ttl (seconds; 0 = no
+#: expiry). Several: 2 keys and 4 arguments per message, in order. Returns {offset, epoch} per message, flat;
+#: the channel gets b"<offset> <epoch>\n" + payload (`parse_envelope`).
 #: Publishers that talk to Redis directly use it the same way (pushd's default key prefix "pushd:"):
 #:   EVAL "<PUBLISH_SCRIPT>" 2 pushd:history:TOPIC pushd:epoch:TOPIC pushd:pub:TOPIC PAYLOAD 1000 3600
 #: TIME before a write needs script effects replication: the default from Redis 5, asked for anyway in case
 #: `lua-replicate-commands no` is set (a no-op from Redis 7). tests/integration/test_history_scripts.py checks.
 PUBLISH_SCRIPT = """
 redis.replicate_commands()
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  local now = redis.call('TIME')
-  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
-  redis.call('SET', KEYS[2], epoch)
+local result = {}
+for i = 1, #KEYS, 2 do
+  local a = (i - 1) * 2
+  local stream, epoch_key, payload = KEYS[i], KEYS[i + 1], ARGV[a + 2]
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    local now = redis.call('TIME')
+    epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+    redis.call('SET', epoch_key, epoch)
+  end
+  local offset = redis.call('XADD', stream, 'MAXLEN', '=', ARGV[a + 3], '*', 'd', payload)
+  local ttl = tonumber(ARGV[a + 4])
+  if ttl > 0 then
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', epoch_key, ttl)
+  end
+  redis.call('PUBLISH', ARGV[a + 1], offset .. ' ' .. epoch .. '\\n' .. payload)
+  result[#result + 1] = offset
+  result[#result + 1] = epoch
 end
-local offset = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'd', ARGV[2])
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-redis.call('PUBLISH', ARGV[1], offset .. ' ' .. epoch .. '\\n' .. ARGV[2])
-return {offset, epoch}
+return result
 """
+
+#: Messages one EVAL of PUBLISH_SCRIPT carries for a batch publish: one round trip and one Deferred for many,
+#: while no single script call keeps Redis busy for long.
+PUBLISH_BATCH = 100
 
 #: KEYS: stream, epoch key. ARGV: first offset (inclusive), count. Returns {epoch or nil, entries}.
 RECOVER_SCRIPT = """
@@ -237,18 +249,37 @@ class History:
 
         Every command is sent before any answer is awaited; the first failure fails the whole call.
         """
-        calls: list[defer.Deferred[Position | None]] = []
+        calls: list[defer.Deferred[list[Position | None]]] = []
+        run: list[tuple[str, bytes, HistoryPolicy]] = []
         for topic, payload in messages:
             policy = self.policies.for_topic(topic)
-            if policy.size == 0:
-                d = self._link.call("publish", self.channel_prefix + topic, payload)
-                calls.append(d.addCallback(lambda _: None))
-            else:
-                d = self._link.call("eval", PUBLISH_SCRIPT, [self.keys.stream(topic), self.keys.epoch(topic)],
-                                    [self.keys.channel(topic), payload, str(policy.size), str(policy.ttl)])
-                calls.append(d.addCallback(lambda reply: Position(_text(reply[0]), _text(reply[1]))))
-        gathered: defer.Deferred[list[Position | None]] = defer.gatherResults(calls, consumeErrors=True)
-        return gathered.addErrback(_first_error)
+            if policy.size:
+                run.append((topic, payload, policy))
+                if len(run) == PUBLISH_BATCH:
+                    calls.append(self._publish_with_history(run))
+                    run = []
+                continue
+            if run:
+                calls.append(self._publish_with_history(run))
+                run = []
+            d = self._link.call("publish", self.channel_prefix + topic, payload)
+            calls.append(d.addCallback(lambda _: [None]))
+        if run:
+            calls.append(self._publish_with_history(run))
+        gathered: defer.Deferred[list[list[Position | None]]] = defer.gatherResults(calls, consumeErrors=True)
+        return gathered.addCallbacks(lambda parts: [p for part in parts for p in part], _first_error)
+
+    def _publish_with_history(self, run: list[tuple[str, bytes, HistoryPolicy]]) -> defer.Deferred[
+            list[Position | None]]:
+        """One EVAL of PUBLISH_SCRIPT for up to PUBLISH_BATCH messages."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for topic, payload, policy in run:
+            keys += [self.keys.stream(topic), self.keys.epoch(topic)]
+            args += [self.keys.channel(topic), payload, str(policy.size), str(policy.ttl)]
+        d: defer.Deferred[list[Position | None]] = self._link.call("eval", PUBLISH_SCRIPT, keys, args)
+        return d.addCallback(lambda reply: [Position(_text(reply[i]), _text(reply[i + 1]))
+                                            for i in range(0, len(reply), 2)])
 
     # -- reading ------------------------------------------------------------------------------------------
 

@@ -198,3 +198,18 @@ def test_history_over_a_real_txredisapi_link(redis_server, tmp_path, mode):
         "merged": True, "other": "history epoch changed (Redis lost it)",
         "latest": [True, b"007".hex()], "missing": None,
     }
+
+
+def test_one_eval_publishes_several_messages_in_order(r):
+    pubsub = r.pubsub()
+    pubsub.psubscribe("p:pub:*")
+    next_message_or_subscribe = pubsub.get_message(timeout=5)
+    assert next_message_or_subscribe["type"] == "psubscribe"
+    reply = [v.decode() for v in r.eval(PUBLISH_SCRIPT, 4, KEYS.stream("A"), KEYS.epoch("A"), KEYS.stream("B"),
+                                        KEYS.epoch("B"), KEYS.channel("A"), "a", 10, 60, KEYS.channel("B"), "b",
+                                        10, 60)]
+    assert len(reply) == 4
+    got = [next_message(pubsub) for _ in range(2)]
+    assert [(m["channel"], parse_envelope(m["data"])) for m in got] == [
+        (b"p:pub:A", (reply[0], reply[1], b"a")), (b"p:pub:B", (reply[2], reply[3], b"b"))]
+    assert r.xlen(KEYS.stream("A")) == 1 and r.ttl(KEYS.epoch("B")) > 0

@@ -82,6 +82,23 @@ def test_publish_sends_every_command_before_any_answer_and_keeps_the_order():
     assert results(d) == [Position("5-0", "e1"), None, Position("7-0", "e1")]
 
 
+def test_consecutive_history_messages_share_one_eval_of_at_most_publish_batch(monkeypatch):
+    from pushd.redis import history as module
+
+    monkeypatch.setattr(module, "PUBLISH_BATCH", 2)
+    link, history = make_history()
+    d = history.publish([("A", b"1"), ("B", b"2"), ("C", b"3"), ("ticks.x", b"4"), ("D", b"5")])
+    assert [c[0] for c in link.calls] == ["eval", "eval", "publish", "eval"]
+    assert link.calls[0][1] == (PUBLISH_SCRIPT, ["p:history:A", "p:epoch:A", "p:history:B", "p:epoch:B"],
+                                ["p:pub:A", b"1", "100", "600", "p:pub:B", b"2", "100", "600"])
+    link.pending[0].callback(["1-0", "e", "1-1", "e"])
+    link.pending[1].callback(["2-0", "e"])
+    link.pending[2].callback(1)
+    link.pending[3].callback(["3-0", "e"])
+    assert results(d) == [Position("1-0", "e"), Position("1-1", "e"), Position("2-0", "e"), None,
+                          Position("3-0", "e")]
+
+
 def test_publish_of_nothing_is_an_empty_list():
     link, history = make_history()
     assert results(history.publish([])) == []
@@ -90,9 +107,9 @@ def test_publish_of_nothing_is_an_empty_list():
 
 def test_a_failed_publish_fails_the_call_with_the_redis_error():
     link, history = make_history()
-    d = history.publish([("A", b"1"), ("B", b"2")])
+    d = history.publish([("A", b"1"), ("ticks.x", b"2"), ("B", b"3")])
     link.pending[0].callback(["1-0", "e"])
-    link.pending[1].errback(TimeoutError("redis: EVAL got no answer"))
+    link.pending[2].errback(TimeoutError("redis: EVAL got no answer"))
     with pytest.raises(TimeoutError, match="EVAL got no answer"):
         results(d)
 
