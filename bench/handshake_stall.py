@@ -7,6 +7,7 @@ prints every stall and the total. Extra arguments after `--` go to `twistd pushd
     python bench/handshake_stall.py 1500                          # wss, default settings
     python bench/handshake_stall.py 1500 --plain                  # ws over plain TCP
     python bench/handshake_stall.py 1500 -- --ping-interval 0     # wss without server pings
+    python bench/handshake_stall.py 20000 --threaded-reader       # the stock client: shows the client-side race
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from websockets.sync.client import connect
 
-from tests.integration.pushd_process import PushdProcess
+from tests.integration.pushd_process import PushdProcess, RequestFirstConnection
 from tests.redis_server import RedisServer
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
     options = argv[:argv.index("--")] if "--" in argv else argv
     count = int(options[0]) if options else 600
     plain = "--plain" in options
+    # --threaded-reader: the stock sync client, whose reader thread may be in SSL_read while the request is written
+    client = {} if "--threaded-reader" in options else {"create_connection": RequestFirstConnection}
     stalls = 0
     with RedisServer() as redis, tempfile.TemporaryDirectory() as directory:
         node = PushdProcess(Path(directory), *pushd_args, redis=redis.url, tls=not plain).start()
@@ -39,7 +42,7 @@ def main(argv: list[str]) -> int:
             for attempt in range(count):
                 started = time.monotonic()
                 try:
-                    connect(url, open_timeout=3, legacy=True, **tls).close()
+                    connect(url, open_timeout=3, legacy=True, **client, **tls).close()
                 except Exception as e:
                     stalls += 1
                     sys.stdout.write(f"stall at connection {attempt}: {type(e).__name__}: {e} "
