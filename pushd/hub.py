@@ -200,6 +200,8 @@ class Hub:
         matched = self._patterns.matching(topic)
         if not matched:
             return exact
+        if not exact and len(matched) == 1:
+            return matched[0]
         union = set(exact) if exact else set()
         for subscribers in matched:
             union.update(subscribers)
