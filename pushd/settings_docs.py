@@ -48,6 +48,16 @@ DOC_TAIL = """
 - **Slow consumers.** A connection is a slow consumer once its socket is full and more than
   `high-water-mark` bytes are waiting in pushd for it; it is closed at once (no close handshake: it could not
   read one) and counted.
+- **HTTP API on loopback by default.** `api-listen` is `127.0.0.1:8081`; without `api-key` pushd refuses any
+  address that is not loopback, so an API without keys is never reachable from the network by mistake.
+- **Tokens optional by default.** `auth = optional` accepts anonymous connections (limited to
+  `public-topics`, all topics by default, as before tokens existed) and checks every token that is presented;
+  set `auth = required` with one of the `jwt-*` keys to turn anonymous access off.
+- **History on by default for API publishes.** 100 messages and 5 minutes per topic are enough for a client
+  that lost its connection for a few seconds; plain Redis `PUBLISH` keeps no history. Give rules per topic
+  pattern for topics that need more, or none (`ticks.*=0/0`).
+- **Patterns off by default.** A pattern subscription can reach many topics, so a server opts in with
+  `allow-patterns = yes`, and tokens' `topics` claims still bound what each client may match.
 """
 
 
