@@ -108,3 +108,68 @@ def test_topic_alphabet():
         assert protocol.is_valid_topic(topic, ok)
     for topic in ["", "a b", "a*", "a?", "a[1]", 'a"b', "a\\b", "a\nb", "x" * 129]:
         assert not protocol.is_valid_topic(topic, ok)
+
+
+# -- the API issue's frames -------------------------------------------------------------------------------------
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4),
+                           max_leaves=12)
+
+
+@given(st.fixed_dictionaries({"op": st.sampled_from(["subscribe", "unsubscribe", "auth", "ping"])},
+                             optional={"topics": json_values | st.lists(st.sampled_from(["A", "sh6*", "b?"])),
+                                       "last": json_values, "since": json_values, "token": json_values,
+                                       "id": json_values}))
+def test_any_shaped_frame_is_a_command_or_an_error(frame):
+    for limits in (LIMITS, Limits(max_topic_length=16, max_topics_per_connection=3, allow_patterns=True)):
+        result = protocol.parse_command(json.dumps(frame), limits)
+        assert isinstance(result, (Subscribe, Unsubscribe, Ping, protocol.Auth, Error))
+
+
+def test_subscribe_options_last_and_since():
+    from pushd.recovery import Position
+
+    assert parse({"op": "subscribe", "topics": ["A"], "last": True}) == Subscribe(("A",), None, True)
+    since = {"A": {"offset": "17-0", "epoch": "e1"}}
+    assert parse({"op": "subscribe", "topics": ["A", "B"], "since": since}).since == {"A": Position("17-0", "e1")}
+
+
+@pytest.mark.parametrize("frame, start", [
+    ({"op": "subscribe", "topics": ["A"], "last": 1}, "last must be true or false"),
+    ({"op": "subscribe", "topics": ["A"], "since": []}, "since must be an object"),
+    ({"op": "subscribe", "topics": ["A"], "since": {"B": {"offset": "1-0", "epoch": "e"}}}, "since.B: not one of"),
+    ({"op": "subscribe", "topics": ["A"], "since": {"A": {"offset": "x", "epoch": "e"}}}, "since.A: must be"),
+    ({"op": "subscribe", "topics": ["A"], "since": {"A": {"offset": "1-0", "epoch": ""}}}, "since.A: must be"),
+    ({"op": "subscribe", "topics": ["A"], "since": {"A": "1-0"}}, "since.A: must be"),
+    ({"op": "auth"}, "token must be a non-empty string"),
+    ({"op": "auth", "token": 5}, "token must be a non-empty string"),
+    ({"op": "auth", "token": "x" * 8193}, "token is longer than 8192 bytes"),
+])
+def test_bad_options_are_bad_requests_that_say_why(frame, start):
+    result = parse(frame)
+    assert isinstance(result, Error) and result.code == ErrorCode.BAD_REQUEST
+    assert result.message.startswith(start), result.message
+
+
+def test_patterns_only_when_allowed_and_never_with_last_or_since():
+    allowed = Limits(max_topic_length=16, max_topics_per_connection=3, allow_patterns=True)
+    assert protocol.parse_command('{"op":"subscribe","topics":["sh600*"]}', allowed) == Subscribe(("sh600*",))
+    assert parse({"op": "subscribe", "topics": ["sh600*"]}).code == ErrorCode.INVALID_TOPIC
+    bad = protocol.parse_command('{"op":"subscribe","topics":["sh[6]*"]}', allowed)
+    assert isinstance(bad, Error) and bad.code == ErrorCode.INVALID_TOPIC
+    mixed = protocol.parse_command('{"op":"subscribe","topics":["sh*"],"last":true}', allowed)
+    assert isinstance(mixed, Error) and mixed.topics == ("sh*",)
+
+
+def test_data_frames_with_a_position_and_the_new_server_frames():
+    from pushd.recovery import Position
+
+    assert json.loads(protocol.encode_data("A", b"1", Position("5-0", "e"))) == {
+        "topic": "A", "data": 1, "offset": "5-0", "epoch": "e"}
+    assert json.loads(protocol.encode_message(b"hi")) == {"op": "message", "data": "hi"}
+    assert json.loads(protocol.encode_broadcast('b"1', b"[1]")) == {"op": "broadcast", "broadcast": 'b"1', "data": [1]}
+    assert json.loads(protocol.encode_refresh()) == {"op": "refresh"}
+    assert json.loads(protocol.encode_authenticated("u", 12.7, 3)) == {
+        "op": "authenticated", "user": "u", "expires": 12, "id": 3}
