@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from pushd import protocol
@@ -116,6 +116,8 @@ class PushdService(MultiService):
         self.history: History | None = None
         self.cluster: Cluster | None = None
         self.broadcasts: dict[str, NodeBroadcast] = {}
+        #: Runs broadcasts in steps on this node's reactor (stopped at shutdown: clients are closed anyway).
+        self.cooperator = task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self.ports: list[Any] = []
         self.api_port: Any = None
         self.api_url = ""
@@ -313,7 +315,7 @@ class PushdService(MultiService):
                 lambda f: self.log.warn("could not record broadcast {id} progress: {error}", id=broadcast_id,
                                         error=f.value))
 
-        broadcast = NodeBroadcast(broadcast_id, frame, self.hub, report)
+        broadcast = NodeBroadcast(broadcast_id, frame, self.hub, report, self.cooperator)
         self.broadcasts[broadcast_id] = broadcast
         broadcast.start().addBoth(lambda _: self.broadcasts.pop(broadcast_id, None))
 
@@ -326,6 +328,7 @@ class PushdService(MultiService):
         for port in self.ports:
             await port.stopListening()
         self.ports = []
+        self.cooperator.stop()
         if self.api_port is not None:
             await self.api_port.stopListening()
             self.api_port = None
