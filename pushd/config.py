@@ -142,6 +142,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api-key", "", _listen,
             "Bearer key the HTTP API accepts; repeatable (one per line in tap.conf). Empty: no key is asked "
             "for, and the API may only listen on loopback."),
+    Setting("api-access-log", "", _text,
+            "File for one line per HTTP API request (combined log format); empty: no access log."),
     Setting("api-max-body", "1048576", _integer(1024, 64 * 1024 * 1024),
             "Largest HTTP API request body, in bytes (larger ones get 413)."),
     Setting("broadcast-window", "900", _integer(1, 7 * 86400),
@@ -202,6 +204,7 @@ class Config:
     shutdown_timeout: int = 5
     api_listen: str = "tcp:8081:interface=127.0.0.1"
     api_key: tuple[str, ...] = ()
+    api_access_log: str = ""
     api_max_body: int = 1048576
     broadcast_window: int = 900
     auth: str = "optional"

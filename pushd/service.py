@@ -194,7 +194,7 @@ class PushdService(MultiService):
         if self._api_listen is not None:
             description, endpoint = self._api_listen
             site = api_site(self.cluster, api_keys=config.api_key, max_body=config.api_max_body,
-                            limits=self.limits)
+                            limits=self.limits, access_log=config.api_access_log)
             try:
                 self.api_port = yield endpoint.listen(site)
             except Exception as e:

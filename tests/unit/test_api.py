@@ -648,3 +648,18 @@ def test_the_api_serves_its_document_without_a_key(api):
     answer = api.request("GET", "/api/openapi.json", key=None)
     assert answer.status == 200 and answer.json == openapi.document()
     assert answer.json["openapi"].startswith("3.1")
+
+
+# the access log
+
+def test_requests_are_logged_to_the_access_log_only_when_one_is_configured(tmp_path):
+    path = tmp_path / "access.log"
+    for access_log in ("", str(path)):
+        site = api_site(FakeBackend(), api_keys=(), max_body=MAX_BODY, limits=LIMITS, access_log=access_log)
+        site.startFactory()
+        try:
+            _, transport = exchange(site, b"GET /api/nodes HTTP/1.1\r\nHost: pushd.test\r\n\r\n")
+            assert transport.value().startswith(b"HTTP/1.1 ")
+        finally:
+            site.stopFactory()
+    assert re.search(r'"GET /api/nodes HTTP/1.1" \d{3} ', path.read_text())
