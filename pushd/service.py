@@ -35,6 +35,7 @@ from pushd.redis.listener import Listener, MessageHandler
 from pushd.redis.state import Keys, NodeState
 from pushd.tasks import TaskPool
 from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate
+from pushd.transport import write_through
 from pushd.ws import AuthPolicy, PushFactory
 
 
@@ -189,6 +190,7 @@ class PushdService(MultiService):
                 port = yield endpoint.listen(self.factory)
             except Exception as e:
                 raise StartupError(f"listen: cannot listen on {description!r}: {_reason(e)}") from None
+            write_through(port)
             self.ports.append(port)
             self.urls.append(self._url(description, port))
         if self._api_listen is not None:

@@ -206,42 +206,9 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
     if not isinstance(tls, BufferingTLSTransport) and getattr(transport, "TLS", False):
         tls = getattr(transport, "protocol", None)
     if isinstance(tls, BufferingTLSTransport):
-        _write_through(tls.transport)
         write: Callable[[bytes], None] = TLSMemoryBIOProtocol.write.__get__(tls)
         tls.write = write  # type: ignore[method-assign]
         return write
-    _write_through(transport)
     plain: Callable[[bytes], None] = transport.write
     return plain
 
-
-def _write_through(tcp: Any) -> None:
-    """Send bytes to a TCP transport's socket at once when nothing is queued before them.
-
-    Twisted's transports queue every write and send it when the reactor next finds the socket writable: two
-    epoll_ctl calls and a reactor turn per write, for a socket that almost always had room. Sending first and
-    queueing only what the socket did not take (or everything, when anything is already queued, so order is
-    kept) is what asyncio does. Errors are left to Twisted: the data goes to its queue and its own write path
-    meets the error and closes the connection as usual.
-    """
-    sock = getattr(tcp, "socket", None)
-    if sock is None or not hasattr(tcp, "_tempDataBuffer") or not hasattr(tcp, "dataBuffer"):
-        return
-    queue_write = tcp.write
-    send = sock.send
-
-    def write(data: bytes) -> None:
-        if tcp._tempDataLen or len(tcp.dataBuffer) > tcp.offset or tcp.disconnecting or not tcp.connected:
-            queue_write(data)
-            return
-        try:
-            sent = send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            queue_write(data)
-            return
-        if sent < len(data):
-            queue_write(data[sent:])
-
-    tcp.write = write

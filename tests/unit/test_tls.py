@@ -303,38 +303,3 @@ def test_direct_writer_leaves_plain_transports_alone() -> None:
     write(b"x")
     assert transport.value() == b"x"
 
-
-def test_write_through_sends_at_once_and_queues_only_what_the_socket_did_not_take():
-    from pushd.tls import _write_through
-
-    class Socket:
-        def __init__(self):
-            self.sent, self.room = [], 10**6
-
-        def send(self, data):
-            taken = bytes(data[:self.room])
-            self.sent.append(taken)
-            if not taken:
-                raise BlockingIOError
-            return len(taken)
-
-    class Tcp:
-        connected, disconnecting, dataBuffer, offset, _tempDataLen = True, False, b"", 0, 0
-
-        def __init__(self):
-            self.socket, self._tempDataBuffer, self.queued = Socket(), [], []
-
-        def write(self, data):
-            self.queued.append(data)
-            self._tempDataLen += len(data)
-
-    tcp = Tcp()
-    _write_through(tcp)
-    tcp.write(b"abc")
-    assert tcp.socket.sent == [b"abc"] and tcp.queued == []
-    tcp.socket.room = 2
-    tcp.write(b"defg")
-    assert tcp.socket.sent[-1] == b"de" and tcp.queued == [b"fg"]
-    tcp.socket.room = 100
-    tcp.write(b"h")
-    assert tcp.queued == [b"fg", b"h"] and tcp.socket.sent[-1] == b"de"
