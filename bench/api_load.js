@@ -14,6 +14,7 @@
 // Progress goes to stderr as "@@ {json}" lines (window_start, window_end), for the orchestrator's CPU samples.
 'use strict';
 
+const { parseOptions } = require('./options');
 const fs = require('node:fs');
 const http = require('node:http');
 const tls = require('node:tls');
@@ -36,25 +37,7 @@ const DEFAULTS = {
 };
 
 function parseArgs(argv) {
-  const opts = { ...DEFAULTS };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i];
-    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`);
-    let key = arg.slice(2);
-    let value;
-    const eq = key.indexOf('=');
-    if (eq >= 0) {
-      value = key.slice(eq + 1);
-      key = key.slice(0, eq);
-    } else {
-      value = argv[++i];
-    }
-    const name = key.replace(/-([a-z])/g, (_, c) => c.toUpperCase());
-    if (!(name in DEFAULTS)) throw new Error(`unknown option --${key}`);
-    if (value === undefined) throw new Error(`--${key} needs a value`);
-    opts[name] = typeof DEFAULTS[name] === 'number' ? Number(value) : value;
-    if (typeof DEFAULTS[name] === 'number' && !Number.isFinite(opts[name])) throw new Error(`--${key}: not a number`);
-  }
+  const opts = parseOptions(DEFAULTS, argv);
   if (!['single', 'batch'].includes(opts.mode)) throw new Error(`unknown --mode ${opts.mode}`);
   if (opts.concurrency < 1 || opts.batch < 1 || opts.seconds <= 0 || opts.topics < 2) throw new Error('bad numbers');
   return opts;

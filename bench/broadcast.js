@@ -22,6 +22,7 @@
 //           every sample and exits.
 'use strict';
 
+const { parseOptions } = require('./options');
 const fs = require('node:fs');
 const readline = require('node:readline');
 const tls = require('node:tls');
@@ -44,25 +45,7 @@ const DEFAULTS = {
 };
 
 function parseArgs(argv) {
-  const opts = { ...DEFAULTS };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i];
-    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`);
-    let key = arg.slice(2);
-    let value;
-    const eq = key.indexOf('=');
-    if (eq >= 0) {
-      value = key.slice(eq + 1);
-      key = key.slice(0, eq);
-    } else {
-      value = argv[++i];
-    }
-    const name = key.replace(/-([a-z])/g, (_, c) => c.toUpperCase());
-    if (!(name in DEFAULTS)) throw new Error(`unknown option --${key}`);
-    if (value === undefined) throw new Error(`--${key} needs a value`);
-    opts[name] = typeof DEFAULTS[name] === 'number' ? Number(value) : value;
-    if (typeof DEFAULTS[name] === 'number' && !Number.isFinite(opts[name])) throw new Error(`--${key}: not a number`);
-  }
+  const opts = parseOptions(DEFAULTS, argv);
   if (!['receiver', 'pinger'].includes(opts.role)) throw new Error(`unknown --role ${opts.role}`);
   if (opts.connections < 1 || opts.concurrency < 1 || opts.intervalMs <= 0) throw new Error('bad numbers');
   return opts;

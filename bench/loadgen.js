@@ -22,6 +22,7 @@
 // can follow the phases (it samples pushd's CPU time at window_start/window_end).
 'use strict';
 
+const { parseOptions } = require('./options');
 const { fork } = require('node:child_process');
 const fs = require('node:fs');
 const tls = require('node:tls');
@@ -58,25 +59,7 @@ const DEFAULTS = {
 };
 
 function parseArgs(argv) {
-  const opts = { ...DEFAULTS };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i];
-    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`);
-    let key = arg.slice(2);
-    let value;
-    const eq = key.indexOf('=');
-    if (eq >= 0) {
-      value = key.slice(eq + 1);
-      key = key.slice(0, eq);
-    } else {
-      value = argv[++i];
-    }
-    const name = key.replace(/-([a-z])/g, (_, c) => c.toUpperCase());
-    if (!(name in DEFAULTS)) throw new Error(`unknown option --${key}`);
-    if (value === undefined) throw new Error(`--${key} needs a value`);
-    opts[name] = typeof DEFAULTS[name] === 'number' ? Number(value) : value;
-    if (typeof DEFAULTS[name] === 'number' && !Number.isFinite(opts[name])) throw new Error(`--${key}: not a number`);
-  }
+  const opts = parseOptions(DEFAULTS, argv);
   if (!['throughput', 'latency', 'idle'].includes(opts.mode)) throw new Error(`unknown --mode ${opts.mode}`);
   if (opts.mode === 'throughput' && opts.topics !== 1) throw new Error('throughput mode uses exactly 1 topic');
   if (opts.connections < 1 || opts.topics < 1 || opts.procs < 1) throw new Error('connections/topics/procs >= 1');
