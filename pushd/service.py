@@ -224,8 +224,7 @@ class PushdService(MultiService):
         return {"pid": os.getpid(), "urls": self.urls, "connections": len(hub), "pruned": dict(hub.pruned),
                 "published": hub.published, "delivered": hub.delivered, "batches": hub.batches,
                 "batched_frames": hub.batched_frames, "dropped_messages": self.dropped_messages,
-                "api": self.api_url,
-                "history": [self.config.history_size, self.config.history_ttl, self.config.history_rules], "broadcasts_running": len(self.broadcasts)}
+                "api": self.api_url, "broadcasts_running": len(self.broadcasts)}
 
     def _write_runtime_file(self, redis_url: str) -> None:
         info = {"pid": os.getpid(), "node_id": self.node_id, "redis": redis_url, "urls": self.urls,
