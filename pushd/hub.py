@@ -193,18 +193,24 @@ class Hub:
                 del self._topics[topic]
 
     def _recipients(self, topic: str) -> set[Subscriber] | None:
-        """The live local subscribers of `topic`, through exact and pattern subscriptions, each once."""
+        """The live local subscribers of `topic`, through exact and pattern subscriptions, each once.
+
+        A connection recovering `topic` gets its messages from the hold, not also through a pattern.
+        """
         exact = self._topics.get(topic)
         if not self._patterns:
             return exact
         matched = self._patterns.matching(topic)
         if not matched:
             return exact
-        if not exact and len(matched) == 1:
+        holders = self._holds.get(topic) if self._holds else None
+        if not exact and len(matched) == 1 and not holders:
             return matched[0]
         union = set(exact) if exact else set()
         for subscribers in matched:
             union.update(subscribers)
+        if holders:
+            union.difference_update(holders)
         return union
 
     # -- fan-out ------------------------------------------------------------------------------------------

@@ -193,3 +193,17 @@ def test_users_and_their_connections():
     assert set(hub.user_connections("bob")) == {b, c}
     hub.identify(a, "ghost")
     assert hub.user_connections("ghost") == ()
+
+
+def test_a_connection_recovering_a_topic_gets_it_from_the_hold_not_also_through_a_pattern():
+    hub = Hub()
+    a = FakeConn("n:1")
+    hub.add(a)
+    hub.subscribe(a, ["sh*"])
+    hub.subscribe(a, ["sh600519"], held=["sh600519"])
+    hub.publish("sh600519", b"1")
+    hub.publish("sh000001", b"2")
+    assert a.written == [frame_bytes("sh000001", b"2")]
+    assert hub.release(a, "sh600519") == [(None, frame_bytes("sh600519", b"1"))]
+    hub.publish("sh600519", b"3")
+    assert a.written[-1] == frame_bytes("sh600519", b"3") and len(a.written) == 2
