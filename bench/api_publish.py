@@ -21,13 +21,10 @@ when the run broke), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +34,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from broadcast import PinnedRedis, pushd_findings, start_pushd
-from run import BenchError, Pinning, Proc, cpu_seconds, ensure_node_modules, machine_info
+from broadcast import PinnedRedis, pushd_findings, run_benchmark, start_pushd
+from run import BenchError, Pinning, Proc, cpu_seconds
 
 from tests.integration.pushd_process import PushdProcess
 
@@ -155,50 +152,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, pushd_args
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _show(result: dict[str, Any]) -> bool:
+    if not result.get("modes"):
+        return False
+    print()
+    print_table(result)
+    return True
 
 
 def main(argv: list[str]) -> int:
     args, pushd_args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
-    pin = Pinning(not args.no_pin)
-    if pin.warning:
-        print(f"WARNING: {pin.warning}", file=sys.stderr)
-    info = machine_info(pin)
-    out = sys.stderr if args.json else sys.stdout
-    print(f"publish API, {args.concurrency} requests in flight, {args.seconds:g} s per mode ({', '.join(args.modes)}"
-          f"); {info['cpu_model']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}, Twisted "
-          f"{info['twisted']}, {info['openssl_pyopenssl']}, pushd {info['pushd_commit']}"
-          f"{' (dirty)' if info['pushd_tree_dirty'] else ''}", file=out, flush=True)
-    result: dict[str, Any] = {"ok": False, "modes": {}}
-    interrupted = False
-    try:
-        ensure_node_modules()
-        with tempfile.TemporaryDirectory(prefix="pushd-bench-api-") as workdir:
-            result = run(args, pushd_args, pin, Path(workdir))
-    except KeyboardInterrupt:
-        interrupted = True
-        print("interrupted; every process started has been stopped", file=sys.stderr)
-    except (BenchError, AssertionError, RuntimeError) as e:
-        result["error"] = str(e)[-4000:]
-        print(f"api_publish.py: {result['error']}", file=sys.stderr)
-    doc = {"benchmark": "api-publish", "interrupted": interrupted, "machine": info,
-           "options": {**vars(args), "pushd_args": pushd_args}, "result": result}
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    elif result.get("modes"):
-        print()
-        print_table(result)
-    if not args.no_save and not interrupted:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{stamp}-api-publish.json"
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"\nresults: {path.relative_to(ROOT)}", file=out)
-    if interrupted:
-        return 130
-    return 0 if result.get("ok") else 1
+    headline = (f"publish API, {args.concurrency} requests in flight, {args.seconds:g} s per mode "
+                f"({', '.join(args.modes)})")
+    return run_benchmark("api-publish", headline, args, pushd_args,
+                         lambda pin, workdir: run(args, pushd_args, pin, workdir), _show)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -376,8 +377,12 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str]) -> int:
-    args, pushd_args = parse_args(argv)
+def run_benchmark(name: str, headline: str, args: argparse.Namespace, pushd_args: list[str],
+                  run_in: Callable[[Pinning, Path], dict[str, Any]],
+                  show: Callable[[dict[str, Any]], bool]) -> int:
+    """The frame every standalone benchmark shares: pinning, the machine line, a temporary work dir, stopping
+    cleanly on SIGTERM/Ctrl-C, the table (`show` prints it and says whether there was one) and the results JSON
+    in bench/results/<UTC time>-<name>.json. Exit status: 0 ok, 1 failed, 130 interrupted."""
     signal.signal(signal.SIGTERM, _interrupt)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
     pin = Pinning(not args.no_pin)
@@ -385,37 +390,51 @@ def main(argv: list[str]) -> int:
         print(f"WARNING: {pin.warning}", file=sys.stderr)
     info = machine_info(pin)
     out = sys.stderr if args.json else sys.stdout
-    print(f"broadcast to {args.connections:,} wss connections ({args.procs} receiver process(es)) on one pushd "
-          f"node; {info['cpu_model']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}, "
-          f"Twisted {info['twisted']}, Autobahn {info['autobahn']}, {info['openssl_pyopenssl']}, pushd "
-          f"{info['pushd_commit']}{' (dirty)' if info['pushd_tree_dirty'] else ''}", file=out, flush=True)
+    print(f"{headline}; {info['cpu_model']}, {info['cores']} cores, Linux {info['kernel']}, Python "
+          f"{info['python']}, Twisted {info['twisted']}, Autobahn {info['autobahn']}, {info['openssl_pyopenssl']}, "
+          f"pushd {info['pushd_commit']}{' (dirty)' if info['pushd_tree_dirty'] else ''}", file=out, flush=True)
     result: dict[str, Any] = {"ok": False}
     interrupted = False
     try:
         ensure_node_modules()
-        with tempfile.TemporaryDirectory(prefix="pushd-bench-broadcast-") as workdir:
-            result = run(args, pushd_args, pin, Path(workdir))
+        with tempfile.TemporaryDirectory(prefix=f"pushd-bench-{name}-") as workdir:
+            result = run_in(pin, Path(workdir))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted; every process started has been stopped", file=sys.stderr)
     except (BenchError, AssertionError, RuntimeError) as e:
         result["error"] = str(e)[-4000:]
-        print(f"broadcast.py: {result['error']}", file=sys.stderr)
-    doc = {"benchmark": "broadcast", "interrupted": interrupted, "machine": info,
+        print(f"{name}: {result['error']}", file=sys.stderr)
+    doc = {"benchmark": name, "interrupted": interrupted, "machine": info,
            "options": {**vars(args), "pushd_args": pushd_args}, "result": result}
     if args.json:
         print(json.dumps(doc, indent=2))
-    elif "connections" in result:
-        print()
-        print_table(result)
+    else:
+        show(result)
     if not args.no_save and not interrupted:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{stamp}-broadcast.json"
+        path = RESULTS / f"{stamp}-{name}.json"
         path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nresults: {path.relative_to(ROOT)}", file=out)
     if interrupted:
         return 130
     return 0 if result.get("ok") else 1
+
+
+def _show(result: dict[str, Any]) -> bool:
+    if "connections" not in result:
+        return False
+    print()
+    print_table(result)
+    return True
+
+
+def main(argv: list[str]) -> int:
+    args, pushd_args = parse_args(argv)
+    headline = (f"broadcast to {args.connections:,} wss connections ({args.procs} receiver process(es)) on one "
+                "pushd node")
+    return run_benchmark("broadcast", headline, args, pushd_args,
+                         lambda pin, workdir: run(args, pushd_args, pin, workdir), _show)
 
 
 if __name__ == "__main__":
