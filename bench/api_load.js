@@ -14,10 +14,8 @@
 // Progress goes to stderr as "@@ {json}" lines (window_start, window_end), for the orchestrator's CPU samples.
 'use strict';
 
-const { parseOptions } = require('./options');
-const fs = require('node:fs');
+const { parseOptions, tlsClientOptions } = require('./common');
 const http = require('node:http');
-const tls = require('node:tls');
 
 const WebSocket = require('ws');
 
@@ -68,15 +66,7 @@ function subscribe(opts) {
   const state = { received: 0, other: 0, closed: null, errors: [] };
   if (!opts.ws) return Promise.resolve(null);
   const o = { perMessageDeflate: false, handshakeTimeout: 30000, maxPayload: 1 << 24 };
-  if (opts.ws.startsWith('wss:')) {
-    if (opts.ca) {
-      o.secureContext = tls.createSecureContext({ ca: fs.readFileSync(opts.ca) });
-      o.servername = opts.servername;
-      o.checkServerIdentity = () => undefined;
-    } else {
-      o.rejectUnauthorized = false;
-    }
-  }
+  if (opts.ws.startsWith('wss:')) Object.assign(o, tlsClientOptions(opts.ca, opts.servername));
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(opts.ws, o);
     state.ws = ws;

@@ -22,10 +22,8 @@
 //           every sample and exits.
 'use strict';
 
-const { parseOptions } = require('./options');
-const fs = require('node:fs');
+const { parseOptions, tlsClientOptions } = require('./common');
 const readline = require('node:readline');
-const tls = require('node:tls');
 
 const WebSocket = require('ws');
 
@@ -73,17 +71,7 @@ function sleep(ms) {
 function wsOptions(opts) {
   const o = { perMessageDeflate: false, skipUTF8Validation: true, handshakeTimeout: 30000, maxPayload: 1 << 24 };
   if (opts.url.startsWith('wss:')) {
-    // One SecureContext for all connections (see loadgen.js): the chain is checked against the CA, the host
-    // name check is skipped (it costs the client ~0.35 ms per connection).
-    if (opts.ca) {
-      o.secureContext = tls.createSecureContext({ ca: fs.readFileSync(opts.ca) });
-      o.servername = opts.servername;
-      o.rejectUnauthorized = true;
-      o.checkServerIdentity = () => undefined;
-    } else {
-      o.secureContext = tls.createSecureContext({});
-      o.rejectUnauthorized = false;
-    }
+    Object.assign(o, tlsClientOptions(opts.ca, opts.servername));
   }
   return o;
 }

@@ -22,10 +22,8 @@
 // can follow the phases (it samples pushd's CPU time at window_start/window_end).
 'use strict';
 
-const { parseOptions } = require('./options');
+const { parseOptions, tlsClientOptions } = require('./common');
 const { fork } = require('node:child_process');
-const fs = require('node:fs');
-const tls = require('node:tls');
 const { performance } = require('node:perf_hooks');
 
 const WebSocket = require('ws');
@@ -251,19 +249,7 @@ class Fleet {
       maxPayload: 1 << 24,
     };
     if (this.opts.url.startsWith('wss:')) {
-      // One SecureContext for all connections: without it tls.connect builds a new one (CA store included)
-      // for every connection, which costs the load generator more than the handshake itself.
-      if (this.opts.ca) {
-        o.secureContext = tls.createSecureContext({ ca: fs.readFileSync(this.opts.ca) });
-        o.servername = this.opts.servername;
-        o.rejectUnauthorized = true;
-        // The chain is verified against the CA; the host name check is skipped because Node's version of it
-        // (getPeerCertificate + checkServerIdentity) costs the client ~0.35 ms per connection.
-        o.checkServerIdentity = () => undefined;
-      } else {
-        o.secureContext = tls.createSecureContext({});
-        o.rejectUnauthorized = false;
-      }
+      Object.assign(o, tlsClientOptions(this.opts.ca, this.opts.servername));
     }
     return o;
   }
