@@ -12,7 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
+
 from pushd.config import ConfigError
+
+log = Logger()
 
 Authorize = Callable[[Any, str], bool]
 OnMessage = Callable[[str, bytes], "bytes | str | None"]
@@ -22,6 +26,17 @@ OnMessage = Callable[[str, bytes], "bytes | str | None"]
 class Hooks:
     authorize: Authorize | None = None
     on_message: OnMessage | None = None
+
+    def rewrite(self, topic: str, payload: bytes) -> bytes | None:
+        """The payload to deliver after `on_message` (as it is without a hook), or None to drop it; a hook that
+        raises drops the message and its traceback is logged."""
+        if self.on_message is None:
+            return payload
+        try:
+            return apply_on_message(self.on_message, topic, payload)
+        except Exception:
+            log.failure("on_message hook raised; message on {topic} dropped", topic=topic)
+            return None
 
 
 def load_hooks(dotted: str) -> Hooks:

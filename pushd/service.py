@@ -25,7 +25,7 @@ from pushd.auth import Permissions, TokenVerifier
 from pushd.broadcast import NodeBroadcast
 from pushd.cluster import Cluster, parse_control
 from pushd.config import Config, ConfigError, Options, build_config
-from pushd.hooks import Hooks, apply_on_message, load_hooks
+from pushd.hooks import Hooks, load_hooks
 from pushd.hub import Hub, text_frame
 from pushd.recovery import Position
 from pushd.redis.client import RedisLink
@@ -266,14 +266,8 @@ class PushdService(MultiService):
         if not protocol.is_valid_topic(topic, self.limits):
             self.dropped_messages += 1
             return
-        hook = self.hooks.on_message
-        if hook is not None:
-            try:
-                rewritten = apply_on_message(hook, topic, payload)
-            except Exception:
-                self.log.failure("on_message hook raised; message on {topic} dropped", topic=topic)
-                self.dropped_messages += 1
-                return
+        if self.hooks.on_message is not None:
+            rewritten = self.hooks.rewrite(topic, payload)
             if rewritten is None:
                 self.dropped_messages += 1
                 return

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from pushd import protocol
 from pushd.auth import AuthError, Identity, Permissions, TokenVerifier
-from pushd.hooks import Hooks, apply_on_message
+from pushd.hooks import Hooks
 from pushd.hub import Held, Hub, frame_bytes
 from pushd.patterns import is_pattern
 from pushd.protocol import Auth, CloseCode, Command, Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
@@ -330,16 +330,8 @@ class PushConnection(WebSocketServerProtocol):
 
     def _history_frame(self, topic: str, offset: str, epoch: str, payload: bytes) -> bytes:
         """A replayed message's frame, rewritten by on_message as a live one would be; b"" when dropped."""
-        hook = self.factory.hooks.on_message
-        if hook is not None:
-            try:
-                rewritten = apply_on_message(hook, topic, payload)
-            except Exception:
-                return b""
-            if rewritten is None:
-                return b""
-            payload = rewritten
-        return frame_bytes(topic, payload, Position(offset, epoch))
+        rewritten = self.factory.hooks.rewrite(topic, payload)
+        return b"" if rewritten is None else frame_bytes(topic, rewritten, Position(offset, epoch))
 
     def _write_frames(self, frames: list[bytes]) -> None:
         if frames and self.state == WebSocketServerProtocol.STATE_OPEN:
