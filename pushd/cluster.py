@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import defer
 
 from pushd.recovery import Position
+from pushd.redis.client import reply_text
 from pushd.redis.history import History
 from pushd.redis.state import Keys
 
@@ -107,10 +108,6 @@ def node_of(conn_id: str) -> str:
     return conn_id.rpartition(":")[0]
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 class Cluster:
     """The `pushd.api.ApiBackend` of a node: reads and writes the cluster's state in Redis."""
 
@@ -137,14 +134,14 @@ class Cluster:
             "eval", BROADCAST_SCRIPT,
             [broadcast_key(prefix, key) if key else "", broadcast_state_key(prefix, broadcast_id)],
             [broadcast_id, self._window, f"{time.time():.3f}", self.channels.control, message])
-        return _text(result[0]), bool(int(result[1]))
+        return reply_text(result[0]), bool(int(result[1]))
 
     @defer.inlineCallbacks
     def broadcast_status(self, broadcast_id: str) -> Any:
         fields = yield self._link.call("hgetall", broadcast_state_key(self._keys.prefix, broadcast_id))
         if not fields:
             return None
-        fields = {_text(k): _text(v) for k, v in fields.items()}
+        fields = {reply_text(k): reply_text(v) for k, v in fields.items()}
         nodes: dict[str, Any] = {}
         totals = {"targeted": 0, "sent": 0, "dropped_slow": 0, "dropped_gone": 0}
         for name, value in fields.items():
@@ -180,27 +177,27 @@ class Cluster:
     def topics(self) -> Any:
         flat = yield self._link.call("eval", TOPICS_SCRIPT, [self._keys.topics],
                                      [MAX_TOPICS_LISTED, self._keys.prefix])
-        return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {reply_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     @defer.inlineCallbacks
     def topic(self, topic: str) -> Any:
         members = yield self._link.call("smembers", self._keys.topic(topic))
         counts: dict[str, int] = {}
         for conn_id in members:
-            node = node_of(_text(conn_id))
+            node = node_of(reply_text(conn_id))
             counts[node] = counts.get(node, 0) + 1
         return counts
 
     @defer.inlineCallbacks
     def nodes(self) -> Any:
-        node_ids = sorted(_text(n) for n in (yield self._link.call("smembers", self._keys.nodes)))
+        node_ids = sorted(reply_text(n) for n in (yield self._link.call("smembers", self._keys.nodes)))
         result = []
         for node_id in node_ids:
             record = yield self._link.call("get", self._keys.heartbeat(node_id))
             info: dict[str, Any] = {"node": node_id, "alive": record is not None}
             if record is not None:
                 try:
-                    info.update(json.loads(_text(record)))
+                    info.update(json.loads(reply_text(record)))
                 except ValueError:
                     pass
             result.append(info)

@@ -136,3 +136,8 @@ class RedisLink:
         if self._sentinel is not None:
             d.addBoth(lambda _: self._sentinel.disconnect())
         return d
+
+
+def reply_text(value: Any) -> str:
+    """A Redis reply element as str, whether the link decodes replies (charset) or hands over raw bytes."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from pushd.recovery import MAX_PART, Position, is_offset, offset_key
+from pushd.redis.client import reply_text
 
 MAX_SIZE = 100_000
 MAX_TTL = 30 * 24 * 3600
@@ -193,13 +194,6 @@ class RecoveryFailed:
     reason: str
 
 
-def _text(value: Any) -> str:
-    """A reply element as str, whether the link decodes replies or not."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
-
-
 def _bytes(value: Any) -> bytes:
     """A reply element as bytes: a decoding link turns UTF-8 payloads into str, losslessly."""
     if isinstance(value, bytes):
@@ -214,13 +208,13 @@ def _entry(entry: Any) -> tuple[str, bytes]:
     entry_id, fields = entry
     fields = list(fields or ())
     for i in range(0, len(fields) - 1, 2):
-        if _text(fields[i]) == "d":
-            return _text(entry_id), _bytes(fields[i + 1])
-    return _text(entry_id), b""
+        if reply_text(fields[i]) == "d":
+            return reply_text(entry_id), _bytes(fields[i + 1])
+    return reply_text(entry_id), b""
 
 
 def _epoch(value: Any) -> str | None:
-    return None if value is None else _text(value)
+    return None if value is None else reply_text(value)
 
 
 class History:
@@ -278,7 +272,7 @@ class History:
             keys += [self.keys.stream(topic), self.keys.epoch(topic)]
             args += [self.keys.channel(topic), payload, str(policy.size), str(policy.ttl)]
         d: defer.Deferred[list[Position | None]] = self._link.call("eval", PUBLISH_SCRIPT, keys, args)
-        return d.addCallback(lambda reply: [Position(_text(reply[i]), _text(reply[i + 1]))
+        return d.addCallback(lambda reply: [Position(reply_text(reply[i]), reply_text(reply[i + 1]))
                                             for i in range(0, len(reply), 2)])
 
     # -- reading ------------------------------------------------------------------------------------------
