@@ -15,8 +15,10 @@ from typing import Any, Protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pushd import protocol
 from pushd.auth import AuthError, Identity, Permissions, TokenVerifier
@@ -377,6 +379,7 @@ def _refused_topics(authorize: Callable[[Any, str], bool], request: Any, topics:
     return [topic for topic in topics if authorize(request, topic) is not True]
 
 
+@implementer(IProtocolNegotiationFactory)
 class PushFactory(WebSocketServerFactory):
     """What all connections of a node share: the hub, the limits, the task pool and the hooks."""
 
@@ -411,11 +414,23 @@ class PushFactory(WebSocketServerFactory):
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout if ping_interval else 0,
             openHandshakeTimeout=10,
+            # A plain HTTP request gets 426 Upgrade Required, not Autobahn's status page (which names the
+            # library's version and follows ?redirect= to any URL).
+            webStatus=False,
             closeHandshakeTimeout=5,
             # Frames are prepared once for every subscriber, which compression per connection would undo.
             perMessageCompressionAccept=lambda offers: None,
             tcpNoDelay=True,
         )
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: a WebSocket opens with an HTTP/1.1 request, so that is the protocol to select.
+
+        Twisted's TLS layer always answers an ALPN offer and, knowing no protocol for the factory, answers it
+        with an empty name, which OpenSSL turns into an "internal error" alert: every browser's handshake
+        failed that way. Any ssl: endpoint serving this factory selects http/1.1 now.
+        """
+        return [b"http/1.1"]
 
     def next_conn_id(self) -> str:
         return f"{self._node_id}:{next(self._serial)}"

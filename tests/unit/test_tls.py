@@ -303,3 +303,49 @@ def test_direct_writer_leaves_plain_transports_alone() -> None:
     write(b"x")
     assert transport.value() == b"x"
 
+
+
+@pytest.mark.parametrize("offered", [["h2", "http/1.1"], ["http/1.1"]])
+def test_wss_handshake_with_a_client_that_offers_alpn(tmp_path: Path, offered: list[str]) -> None:
+    # Browsers, curl and Node offer ALPN; the listening context used to answer them with an internal-error alert.
+    import ssl
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from pushd.testing import MemoryNode
+
+    _, cert_path = ensure_localhost_certificate(str(tmp_path))
+    endpoint = serverFromString(reactor, default_listen(str(tmp_path), port=0))
+    node = MemoryNode()
+    server = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, node.factory, clock=node.clock).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 40000))
+    assert server is not None
+    wire = StringTransport()
+    server.makeConnection(wire)
+
+    context = ssl.create_default_context(cafile=cert_path)
+    context.set_alpn_protocols(offered)
+    into_client, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(into_client, from_client, server_hostname="localhost")
+
+    def pump() -> None:
+        server.dataReceived(from_client.read())
+        node.clock.advance(0)
+        into_client.write(wire.value())
+        wire.clear()
+
+    for _ in range(10):
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pump()
+    pump()
+    assert client.selected_alpn_protocol() == "http/1.1"
+
+    client.write(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    pump()
+    assert client.read(4096).startswith(b"HTTP/1.1 101 ")

@@ -3,6 +3,8 @@
 import json
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 from pushd.hooks import Hooks
 from pushd.protocol import Limits
@@ -265,3 +267,14 @@ def test_close_all_gives_up_after_the_timeout():
     node.clock.advance(5)
     assert done.called
     assert client.transport.disconnecting
+
+
+def test_a_plain_http_request_gets_426_and_no_redirect():
+    node = MemoryNode()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    conn = node.factory.buildProtocol(transport.getPeer())
+    conn.makeConnection(transport)
+    conn.dataReceived(b"GET /ws?redirect=https://evil.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 426 "), response[:80]
+    assert b"evil.example" not in response and b"Autobahn" not in response
