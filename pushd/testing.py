@@ -113,7 +113,7 @@ def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
     return frames, data
 
 
-class _Transport(StringTransport):
+class MemoryTransport(StringTransport):
     """StringTransport that, like Twisted's socket and TLS transports, lets a missing producer be unregistered
     and records TCP_NODELAY."""
 
@@ -132,7 +132,7 @@ class MemoryClient:
 
     def __init__(self, node: MemoryNode, path: str = "/ws", port: int = 40000) -> None:
         self.node = node
-        self.transport = _Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        self.transport = MemoryTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
         protocol = node.factory.buildProtocol(self.transport.getPeer())
         assert isinstance(protocol, PushConnection)
         self.protocol: PushConnection = protocol

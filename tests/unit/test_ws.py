@@ -4,11 +4,10 @@ import json
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 
 from pushd.hooks import Hooks
 from pushd.protocol import Limits
-from pushd.testing import OP_CLOSE, OP_PING, OP_TEXT, MemoryNode, RecordingObserver
+from pushd.testing import OP_CLOSE, OP_PING, OP_TEXT, MemoryNode, MemoryTransport, RecordingObserver
 
 
 def close_codes(client):
@@ -269,17 +268,9 @@ def test_close_all_gives_up_after_the_timeout():
     assert client.transport.disconnecting
 
 
-class PlainTransport(StringTransport):
-    """Like Twisted's socket transports, lets a connection that never registered a producer unregister one."""
-
-    def unregisterProducer(self):
-        if self.producer is not None:
-            super().unregisterProducer()
-
-
 def test_a_plain_http_request_gets_426_and_no_redirect():
     node = MemoryNode()
-    transport = PlainTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = MemoryTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     conn = node.factory.buildProtocol(transport.getPeer())
     conn.makeConnection(transport)
     conn.dataReceived(b"GET /ws?redirect=https://evil.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
