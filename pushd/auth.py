@@ -55,6 +55,13 @@ class AuthError(Exception):
         super().__init__(ascii_reason[:MAX_REASON_BYTES])
 
 
+class TokenExpired(AuthError):
+    """A token that was good but has expired: the client should fetch a fresh one."""
+
+    def __init__(self) -> None:
+        super().__init__("token expired")
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who a verified token speaks for, until when, and which topic patterns it allows (None: any)."""
@@ -240,7 +247,7 @@ def _identity(claims: dict[str, Any], now: float, leeway: int) -> Identity:
     if expires is None:
         raise AuthError("token has no exp claim")
     if expires <= now - leeway:
-        raise AuthError("token expired")
+        raise TokenExpired()
     not_before = _seconds(claims, "nbf")
     if not_before is not None and not_before > now + leeway:
         raise AuthError("token is not valid yet (nbf)")
@@ -264,11 +271,16 @@ def _seconds(claims: dict[str, Any], name: str) -> float | None:
 
 
 def _topics(claims: dict[str, Any]) -> tuple[str, ...] | None:
-    if "topics" not in claims:
+    """The topic patterns a token allows: its `topics` claim, or `channels` (the name Centrifugo's tokens use)."""
+    given = [name for name in ("topics", "channels") if name in claims]
+    if not given:
         return None
-    topics = claims["topics"]
+    if len(given) > 1:
+        raise AuthError("token has both topics and channels claims; give one")
+    name = given[0]
+    topics = claims[name]
     if not isinstance(topics, list) or not all(isinstance(topic, str) and topic for topic in topics):
-        raise AuthError("token topics claim is not a list of non-empty strings")
+        raise AuthError(f"token {name} claim is not a list of non-empty strings")
     return tuple(topics)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from pushd.hub import Hub, Subscriber
+from pushd.hub import FrameCache, Hub, Subscriber
 
 #: Connections written per cooperative step.
 STEP = 100
@@ -34,12 +34,12 @@ class BroadcastCounts:
 
 
 class NodeBroadcast:
-    """Sends one broadcast frame to the connections a node has when it starts."""
+    """Sends one broadcast to the connections a node has when it starts, framed once per wire variant."""
 
-    def __init__(self, broadcast_id: str, frame: bytes, hub: Hub, report: Report,
+    def __init__(self, broadcast_id: str, frames: FrameCache, hub: Hub, report: Report,
                  cooperator: task.Cooperator | None = None) -> None:
         self.broadcast_id = broadcast_id
-        self._frame = frame
+        self._frames = frames
         self._hub = hub
         self._report = report
         self._cooperator = cooperator or task.Cooperator()
@@ -55,12 +55,12 @@ class NodeBroadcast:
         return done.addCallback(self._finished)
 
     def _steps(self, targets: tuple[Subscriber, ...]) -> Iterator[None]:
-        counts, frame, hub = self.counts, self._frame, self._hub
+        counts, frames, hub = self.counts, self._frames, self._hub
         for start in range(0, len(targets), STEP):
             for conn in targets[start:start + STEP]:
                 if hub.connection(conn.conn_id) is not conn:
                     counts.dropped_gone += 1
-                elif conn.write(frame):
+                elif conn.write(frames.frame(conn.wire)):
                     counts.sent += 1
                 else:
                     counts.dropped_slow += 1

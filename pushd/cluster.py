@@ -189,6 +189,13 @@ class Cluster:
         return counts
 
     @defer.inlineCallbacks
+    def presence(self, topic: str) -> Any:
+        """(connections, distinct users) subscribed to `topic`, cluster-wide."""
+        clients = yield self._link.call("scard", self._keys.topic(topic))
+        users = yield self._link.call("hlen", self._keys.topic_users(topic))
+        return int(clients), int(users)
+
+    @defer.inlineCallbacks
     def nodes(self) -> Any:
         node_ids = sorted(reply_text(n) for n in (yield self._link.call("smembers", self._keys.nodes)))
         result = []

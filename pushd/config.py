@@ -47,6 +47,10 @@ def _ws_path(text: str) -> str:
     return text
 
 
+def _optional_ws_path(text: str) -> str:
+    return _ws_path(text) if text else ""
+
+
 def _prefix(text: str) -> str:
     if any(c.isspace() or c in "*?[]" for c in text):
         raise ValueError(f"{text!r} must not contain whitespace or the glob characters * ? [ ]")
@@ -100,7 +104,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "", _listen,
             "Twisted server endpoint string to accept WebSocket connections on; repeatable (one per line in "
             "tap.conf). Empty: ssl:8443 with the certificate in cert-dir, generated for localhost if missing."),
-    Setting("ws-path", "/ws", _ws_path, "URL path of the WebSocket endpoint; other paths get HTTP 404."),
+    Setting("ws-path", "/ws", _ws_path,
+            "URL path of the WebSocket endpoint speaking pushd's own protocol; other paths get HTTP 404."),
+    Setting("centrifugo-path", "/connection/websocket", _optional_ws_path,
+            "URL path of the WebSocket endpoint speaking Centrifugo's client protocol (JSON), for its SDKs "
+            "(docs/clients.md); empty turns it off."),
     Setting("cert-dir", "certs", _text,
             "Directory of the generated self-signed certificate used when listen is empty."),
     Setting("redis", "", _redis,
@@ -183,6 +191,7 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 class Config:
     listen: tuple[str, ...] = ()
     ws_path: str = "/ws"
+    centrifugo_path: str = "/connection/websocket"
     cert_dir: str = "certs"
     redis: RedisTarget | None = None
     redis_server: str = ""
@@ -264,6 +273,9 @@ def build_config(given: Mapping[str, str | None], config_file: str | None = None
         raise ConfigError(
             f"heartbeat-ttl: {parsed['heartbeat_ttl']} must be longer than heartbeat-interval "
             f"({parsed['heartbeat_interval']})")
+    if parsed["centrifugo_path"] == parsed["ws_path"]:
+        raise ConfigError(f"centrifugo-path: {parsed['centrifugo_path']!r} is also ws-path; give each protocol "
+                          "its own path")
     _check_together(parsed)
     parsed["cert_dir"] = os.path.abspath(parsed["cert_dir"])
     parsed["runtime_file"] = os.path.join(os.path.abspath(runtime_dir or "."), "pushd.runtime.json")

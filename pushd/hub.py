@@ -1,31 +1,31 @@
 """The node's in-memory index of who is subscribed to what, and the fan-out of published messages.
 
-This is the hot path: a published message is framed once and the same bytes are written to every local
-subscriber; Redis is never read here. Index changes are reported to a `MembershipObserver` (the Redis
+This is the hot path: a published message is framed once per wire variant (protocol and transport) and the
+same bytes are written to every local subscriber of that variant; Redis is never read here. Index changes are reported to a `MembershipObserver` (the Redis
 mirror), so data flows one way: Redis listener -> hub -> connections, and hub -> membership writer.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from autobahn.websocket.protocol import PreparedMessage
-
 from pushd.patterns import PatternIndex, is_pattern
-from pushd.protocol import encode_data
 from pushd.recovery import Position
+from pushd.wire import Wire
 
-#: A live message kept for a connection whose recovery is reading history: (offset or None, frame bytes).
-Held = tuple[str | None, bytes]
+#: A live message kept for a connection whose recovery is reading history: (position or None, frame bytes).
+Held = tuple[Position | None, bytes]
 
 
 class Subscriber(Protocol):
-    """One local connection as the hub sees it."""
+    """One local connection as the hub sees it (a `pushd.session.Session`)."""
 
     conn_id: str
     topics: set[str]
+    #: The wire variant the connection speaks: the key of the frame cache.
+    wire: Wire
 
     def write(self, data: bytes) -> bool:
         """Write ready-made frame bytes; False when the connection had to be dropped instead."""
@@ -33,11 +33,16 @@ class Subscriber(Protocol):
     def drop(self, reason: str) -> None:
         """Close the connection for `reason` (a key of `Hub.pruned`)."""
 
+    def lost(self, topic: str) -> None:
+        """The node missed messages of `topic` (its numbers jumped, or its history's epoch changed)."""
+
 
 class MembershipObserver(Protocol):
     """Told of every index change, in order; the Redis mirror implements it."""
 
     def opened(self, conn_id: str) -> None: ...
+
+    def identified(self, conn_id: str, user: str) -> None: ...
 
     def subscribed(self, conn_id: str, topics: tuple[str, ...]) -> None: ...
 
@@ -50,6 +55,9 @@ class _NoObserver:
     def opened(self, conn_id: str) -> None:
         pass
 
+    def identified(self, conn_id: str, user: str) -> None:
+        pass
+
     def subscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
         pass
 
@@ -60,14 +68,38 @@ class _NoObserver:
         pass
 
 
-def text_frame(text: bytes) -> bytes:
-    """One complete, unmasked WebSocket text frame carrying `text`: encoded once, written to many."""
-    return PreparedMessage(text, False, False, True).payloadHybi
+class Publication:
+    """One published message and its frames, made once per wire variant as subscribers need them."""
+
+    __slots__ = ("_frames", "payload", "position", "topic")
+
+    def __init__(self, topic: str, payload: bytes, position: Position | None) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.position = position
+        self._frames: dict[Wire, bytes] = {}
+
+    def frame(self, wire: Wire) -> bytes:
+        frame = self._frames.get(wire)
+        if frame is None:
+            frame = self._frames[wire] = wire.publication(self.topic, self.payload, self.position)
+        return frame
 
 
-def frame_bytes(topic: str, payload: bytes, position: Position | None = None) -> bytes:
-    """The WebSocket frame of the data frame for one published message."""
-    return text_frame(encode_data(topic, payload, position))
+class FrameCache:
+    """One payload's frames per wire variant (user messages, broadcasts), made as connections need them."""
+
+    __slots__ = ("_encode", "_frames")
+
+    def __init__(self, encode: Callable[[Wire], bytes]) -> None:
+        self._encode = encode
+        self._frames: dict[Wire, bytes] = {}
+
+    def frame(self, wire: Wire) -> bytes:
+        frame = self._frames.get(wire)
+        if frame is None:
+            frame = self._frames[wire] = self._encode(wire)
+        return frame
 
 
 class Hub:
@@ -82,7 +114,11 @@ class Hub:
         self._user_of: dict[Subscriber, str] = {}
         #: topic -> connection -> live messages held while that connection's recovery reads history.
         self._holds: dict[str, dict[Subscriber, list[Held]]] = {}
-        self._batch: list[tuple[str, bytes]] | None = None
+        #: topic -> the position of its last message with history, for the topics subscribed to here.
+        self._positions: dict[str, Position] = {}
+        #: Gaps found in topics' numbers: messages this node never received.
+        self.gaps = 0
+        self._batch: list[Publication] | None = None
         #: Connections dropped by the hot path or by liveness checks, by reason.
         self.pruned: Counter[str] = Counter()
         self.published = 0
@@ -109,11 +145,12 @@ class Hub:
 
     def identify(self, conn: Subscriber, user: str) -> None:
         """Record that `conn` belongs to `user`, so messages to that user reach it."""
-        if conn.conn_id not in self._connections:
+        if conn.conn_id not in self._connections or self._user_of.get(conn) == user:
             return
         self._forget_user(conn)
         self._user_of[conn] = user
         self._users.setdefault(user, set()).add(conn)
+        self.observer.identified(conn.conn_id, user)
 
     def _forget_user(self, conn: Subscriber) -> None:
         user = self._user_of.pop(conn, None)
@@ -191,6 +228,7 @@ class Hub:
             subscribers.discard(conn)
             if not subscribers:
                 del self._topics[topic]
+                self._positions.pop(topic, None)
 
     def _recipients(self, topic: str) -> set[Subscriber] | None:
         """The live local subscribers of `topic`, through exact and pattern subscriptions, each once.
@@ -222,22 +260,33 @@ class Hub:
         time, which turns the several messages of one Redis read into one write (one TLS record) each.
         """
         self.published += 1
+        if position is not None and position.seq and topic in self._topics:
+            last = self._positions.get(topic)
+            self._positions[topic] = position
+            if last is not None and (position.seq > last.seq + 1 or position.epoch != last.epoch):
+                self._lost(topic)
         subscribers = self._recipients(topic)
         holders = self._holds.get(topic) if self._holds else None
         if not subscribers and not holders:
             return 0
-        frame = frame_bytes(topic, payload, position)
+        publication = Publication(topic, payload, position)
         if holders:
-            offset = position.offset if position is not None else None
-            for held in holders.values():
-                held.append((offset, frame))
+            for conn, held in holders.items():
+                held.append((position, publication.frame(conn.wire)))
         if not subscribers:
             return 0
         if self._batch is not None:
-            self._batch.append((topic, frame))
+            self._batch.append(publication)
             return len(subscribers)
-        self._write_all(tuple(subscribers), frame, 1)
+        self._write_all(tuple(subscribers), publication.frame, 1)
         return len(subscribers)
+
+    def _lost(self, topic: str) -> None:
+        """Messages of `topic` never reached this node: tell its subscribers (those that track positions leave
+        the topic, to subscribe again and recover what they missed from history)."""
+        self.gaps += 1
+        for conn in tuple(self._topics.get(topic, ())):
+            conn.lost(topic)
 
     def begin_batch(self) -> None:
         if self._batch is None:
@@ -250,15 +299,17 @@ class Hub:
             return
         self.batches += 1
         self.batched_frames += len(batch)
-        first_topic = batch[0][0]
-        if all(topic == first_topic for topic, _ in batch):
+        first_topic = batch[0].topic
+        if all(publication.topic == first_topic for publication in batch):
             subscribers = self._recipients(first_topic)
             if subscribers:
-                self._write_all(tuple(subscribers), b"".join(frame for _, frame in batch), len(batch))
+                self._write_all(tuple(subscribers),
+                                lambda wire: b"".join(publication.frame(wire) for publication in batch), len(batch))
             return
         pending: dict[Subscriber, list[bytes]] = {}
-        for topic, frame in batch:
-            for conn in self._recipients(topic) or ():
+        for publication in batch:
+            for conn in self._recipients(publication.topic) or ():
+                frame = publication.frame(conn.wire)
                 frames = pending.get(conn)
                 if frames is None:
                     pending[conn] = [frame]
@@ -268,10 +319,16 @@ class Hub:
             if conn.write(b"".join(frames)):
                 self.delivered += len(frames)
 
-    def _write_all(self, subscribers: tuple[Subscriber, ...], data: bytes, messages: int) -> None:
+    def _write_all(self, subscribers: tuple[Subscriber, ...], frame_for: Callable[[Wire], bytes],
+                   messages: int) -> None:
+        frames: dict[Wire, bytes] = {}
         written = 0
         for conn in subscribers:
-            if conn.write(data):
+            wire = conn.wire
+            frame = frames.get(wire)
+            if frame is None:
+                frame = frames[wire] = frame_for(wire)
+            if conn.write(frame):
                 written += 1
         self.delivered += written * messages
 
@@ -295,7 +352,7 @@ class Hub:
     def topic_count(self) -> int:
         return len(self._topics) + len(self._patterns)
 
-    def snapshot(self) -> Iterator[tuple[str, tuple[str, ...]]]:
-        """(connection id, its topics) for every local connection: what Redis must hold for this node."""
+    def snapshot(self) -> Iterator[tuple[str, tuple[str, ...], str | None]]:
+        """(connection id, its topics, its user) for every local connection: what Redis must hold for this node."""
         for conn_id, conn in tuple(self._connections.items()):
-            yield conn_id, tuple(conn.topics)
+            yield conn_id, tuple(conn.topics), self._user_of.get(conn)

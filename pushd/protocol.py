@@ -1,6 +1,8 @@
-"""The wire protocol as pure functions: client frame text -> command or error, events -> frame payloads.
+"""What clients may ask and what they are told, whatever the wire: commands in, events out, and the topic rules.
 
-Nothing here touches a socket, a reactor or Redis, so every rule of docs/protocol.md is tested directly.
+A wire protocol (`pushd.wire`) turns frames into these commands and these events into frames; the session
+(`pushd.session`) runs the commands. Nothing here touches a socket, a reactor or Redis, and nothing here knows
+how a frame is spelled, so a second protocol is a second codec, not branches in the session or the hub.
 """
 
 from __future__ import annotations
@@ -8,21 +10,20 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
 
 from pushd.patterns import is_pattern, pattern_error
-from pushd.recovery import Position, is_offset
+from pushd.recovery import Position, SeqSince, Since
 
 #: What a topic name may contain. `*`, `?` and `[` stay reserved for pattern subscriptions.
 TOPIC_ALPHABET = "A-Z a-z 0-9 _ - . : @ / = + ~"
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_\-.:@/=+~]+")
-_MAX_ID_LENGTH = 64
 
 RequestId = int | str | None
 
 
 class ErrorCode:
-    """The `code` values of error frames (docs/protocol.md has the table)."""
+    """Why a command was refused; each codec spells these its own way (docs/protocol.md, docs/clients.md)."""
 
     BAD_REQUEST = "bad_request"
     UNKNOWN_OP = "unknown_op"
@@ -32,15 +33,28 @@ class ErrorCode:
     UNAUTHORIZED = "unauthorized"
     RECOVERY_FAILED = "recovery_failed"
     INTERNAL_ERROR = "internal_error"
+    ALREADY_SUBSCRIBED = "already_subscribed"
+    NOT_AVAILABLE = "not_available"
+    TOKEN_EXPIRED = "token_expired"
 
 
-class CloseCode:
-    """pushd's own WebSocket close codes (docs/protocol.md has the table)."""
+class Disconnect(Enum):
+    """Why the server closes a connection; each codec maps these to its close codes."""
 
-    DISCONNECTED = 4000
-    INVALID_TOKEN = 4001
-    TOKEN_EXPIRED = 4002
-    AUTH_REQUIRED = 4003
+    #: The server is shutting down; come back (to another node).
+    SHUTDOWN = "shutdown"
+    #: The token is malformed, forged, expired at connect, or for another user.
+    INVALID_TOKEN = "invalid_token"
+    #: The token expired and no fresh one came in time.
+    TOKEN_EXPIRED = "token_expired"
+    #: A token that has already expired was presented to refresh the session.
+    STALE_TOKEN = "stale_token"
+    #: No token (or no connect command) came within the auth timeout.
+    AUTH_REQUIRED = "auth_required"
+    #: Too many refused frames, or a frame the protocol cannot go on after.
+    BAD_REQUEST = "bad_request"
+    #: The client did not answer an application-level ping in time.
+    NO_PONG = "no_pong"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +64,21 @@ class Limits:
     allow_patterns: bool = False
 
 
+# -- commands: what a client asks -------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     topics: tuple[str, ...]
     id: RequestId = None
-    #: Send each topic's latest message from history right after `subscribed`.
+    #: Send each topic's latest message from history right after the subscription.
     last: bool = False
     #: Replay what each topic got after this position, then go on live.
-    since: dict[str, Position] = field(default_factory=dict)
+    since: dict[str, Since] = field(default_factory=dict)
+    #: Tell the client where each topic's history stands (its epoch and newest number), so it can recover.
+    position: bool = False
+    #: Subscribing to a topic the connection already has is an error, not a no-op.
+    exclusive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,23 +93,154 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class Pong:
+    """The client's answer to an application-level ping from the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """The first command of a protocol that opens a session explicitly; `token` may be absent (anonymous)."""
+
+    token: str | None
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
+    """Authenticate, or refresh the token of, an open session."""
+
     token: str
     id: RequestId = None
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """Read a topic's history: up to `limit` messages after `since` (or the newest, or the oldest first)."""
+
+    topic: str
+    id: RequestId = None
+    limit: int = 0
+    since: SeqSince | None = None
+    reverse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    """How many connections are subscribed to a topic, cluster-wide."""
+
+    topic: str
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
-    """A request the server refuses; `encode_error` turns it into the error frame."""
+    """A request the server refuses; codecs turn it into their error reply."""
 
     code: str
     message: str
     id: RequestId = None
     topics: tuple[str, ...] = ()
+    #: The protocol cannot go on after this frame (Centrifugo's, with no id to answer to): close the connection.
+    fatal: bool = False
 
 
-Command = Subscribe | Unsubscribe | Ping | Auth
+Command = Subscribe | Unsubscribe | Ping | Pong | Connect | Auth | HistoryRead | PresenceStats
 MAX_TOKEN_LENGTH = 8192
+
+
+# -- events: what a client is told ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A session is open: who it is (None: anonymous), its id, and when its token expires (0: never)."""
+
+    id: RequestId
+    client: str
+    user: str | None
+    expires: float
+    #: Seconds until the token expires, counted when the reply is made (0: no expiry).
+    ttl: int
+    ping_interval: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The subscription is in place; `pending` topics are still reading their history."""
+
+    command: Subscribe
+    pending: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A held subscription has read its history and goes live.
+
+    `replay`: the messages the client gets from history before live ones (recovered, or the latest).
+    `top`: the client's position (epoch and number) before the replay, when known: where it recovered from, or
+    where history stands when it is not recovering or could not recover.
+    `failure`: why a recovery could not be served (the subscription goes on live from now).
+    """
+
+    command: Subscribe
+    topic: str
+    replay: tuple[tuple[Position, bytes], ...] = ()
+    top: tuple[str, int] | None = None
+    recovering: bool = False
+    failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    command: Unsubscribe
+
+
+@dataclass(frozen=True, slots=True)
+class Ponged:
+    command: Ping
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    command: Auth
+    client: str
+    user: str
+    expires: float
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshNeeded:
+    """The token expired: a fresh one is wanted within the grace period."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The node missed messages of `topic` (a gap in its numbers): the client must recover it to go on."""
+
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    command: HistoryRead
+    entries: tuple[tuple[Position, bytes], ...]
+    epoch: str
+    top: int
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceCount:
+    command: PresenceStats
+    clients: int
+    users: int
+
+
+Event = (Connected | Subscribed | Started | Unsubscribed | Ponged | Authenticated | RefreshNeeded | Lost
+         | HistoryPage | PresenceCount | Error)
+
+
+# -- topic rules --------------------------------------------------------------------------------------------
 
 
 def topic_error(topic: object, limits: Limits) -> str | None:
@@ -117,123 +269,16 @@ def subscription_error(topic: object, limits: Limits) -> str | None:
     return topic_error(topic, limits)
 
 
-def parse_command(text: str, limits: Limits) -> Command | Error:
-    """Turn one client text frame into a command, or into the error to answer with."""
-    try:
-        frame = json.loads(text)
-    except (ValueError, RecursionError):
-        return Error(ErrorCode.BAD_REQUEST, "frame is not valid JSON")
-    if not isinstance(frame, dict):
-        return Error(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
-
-    request_id = frame.get("id")
-    if request_id is not None and not _is_valid_id(request_id):
-        return Error(ErrorCode.BAD_REQUEST, f"id must be an integer or a string of at most {_MAX_ID_LENGTH} characters")
-
-    op = frame.get("op")
-    if not isinstance(op, str):
-        return Error(ErrorCode.BAD_REQUEST, "op is missing or not a string", request_id)
-    if op == "ping":
-        return Ping(request_id)
-    if op == "auth":
-        token = frame.get("token")
-        if not isinstance(token, str) or not token:
-            return Error(ErrorCode.BAD_REQUEST, "token must be a non-empty string", request_id)
-        if len(token) > MAX_TOKEN_LENGTH:
-            return Error(ErrorCode.BAD_REQUEST, f"token is longer than {MAX_TOKEN_LENGTH} bytes", request_id)
-        return Auth(token, request_id)
-    if op not in ("subscribe", "unsubscribe"):
-        return Error(ErrorCode.UNKNOWN_OP, f"unknown op {op[:32]!r} (subscribe, unsubscribe, ping, auth)",
-                     request_id)
-
-    topics = frame.get("topics")
-    if not isinstance(topics, list) or not topics:
-        return Error(ErrorCode.BAD_REQUEST, "topics must be a non-empty list of topic names", request_id)
-    if len(topics) > limits.max_topics_per_connection:
-        return Error(
-            ErrorCode.TOO_MANY_TOPICS,
-            f"{len(topics)} topics in one frame; at most {limits.max_topics_per_connection} per connection",
-            request_id,
-        )
-    for topic in topics:
-        problem = subscription_error(topic, limits)
-        if problem is not None:
-            return Error(ErrorCode.INVALID_TOPIC, problem, request_id)
-    unique = tuple(dict.fromkeys(topics))
-    if op == "unsubscribe":
-        return Unsubscribe(unique, request_id)
-    return _subscribe_options(frame, unique, request_id)
+def token_error(token: object) -> str | None:
+    """Why `token` cannot be a client token (checked before any JWT parsing), or None."""
+    if not isinstance(token, str) or not token:
+        return "token must be a non-empty string"
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"token is longer than {MAX_TOKEN_LENGTH} bytes"
+    return None
 
 
-def _subscribe_options(frame: dict[str, Any], topics: tuple[str, ...], request_id: RequestId) -> Subscribe | Error:
-    last = frame.get("last", False)
-    if not isinstance(last, bool):
-        return Error(ErrorCode.BAD_REQUEST, "last must be true or false", request_id)
-    raw_since = frame.get("since", {})
-    if not isinstance(raw_since, dict):
-        return Error(ErrorCode.BAD_REQUEST, 'since must be an object {"TOPIC": {"offset": ..., "epoch": ...}}',
-                     request_id)
-    since: dict[str, Position] = {}
-    for topic, position in raw_since.items():
-        if topic not in topics:
-            return Error(ErrorCode.BAD_REQUEST, f"since.{topic[:64]}: not one of the topics subscribed to",
-                         request_id)
-        if not isinstance(position, dict) or not is_offset(position.get("offset")) \
-                or not isinstance(position.get("epoch"), str) or not position["epoch"]:
-            return Error(ErrorCode.BAD_REQUEST,
-                         f'since.{topic[:64]}: must be {{"offset": "<ms>-<seq>", "epoch": "<epoch>"}}', request_id)
-        since[topic] = Position(position["offset"], position["epoch"])
-    if last or since:
-        patterns = [t for t in topics if is_pattern(t)]
-        if patterns:
-            return Error(ErrorCode.BAD_REQUEST, "last and since apply to topics, not to patterns", request_id,
-                         tuple(patterns))
-    return Subscribe(topics, request_id, last, since)
-
-
-def _is_valid_id(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return -(2**53) < value < 2**53
-    return isinstance(value, str) and len(value) <= _MAX_ID_LENGTH
-
-
-def _encode(reply: dict[str, Any]) -> bytes:
-    return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _with_id(reply: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
-    if request_id is not None:
-        reply["id"] = request_id
-    return reply
-
-
-def encode_subscribed(topics: tuple[str, ...], request_id: RequestId) -> bytes:
-    return _encode(_with_id({"op": "subscribed", "topics": list(topics)}, request_id))
-
-
-def encode_unsubscribed(topics: tuple[str, ...], request_id: RequestId) -> bytes:
-    return _encode(_with_id({"op": "unsubscribed", "topics": list(topics)}, request_id))
-
-
-def encode_pong(request_id: RequestId) -> bytes:
-    return _encode(_with_id({"op": "pong"}, request_id))
-
-
-def encode_authenticated(user: str, expires: float, request_id: RequestId) -> bytes:
-    return _encode(_with_id({"op": "authenticated", "user": user, "expires": int(expires)}, request_id))
-
-
-def encode_refresh() -> bytes:
-    return b'{"op":"refresh"}'
-
-
-def encode_error(error: Error) -> bytes:
-    reply: dict[str, Any] = {"op": "error", "code": error.code, "message": error.message}
-    if error.topics:
-        reply["topics"] = list(error.topics)
-    return _encode(_with_id(reply, error.id))
+# -- payloads -----------------------------------------------------------------------------------------------
 
 
 def _reject_constant(name: str) -> None:
@@ -255,23 +300,3 @@ def json_value(payload: bytes) -> bytes:
     except (ValueError, RecursionError):
         return json.dumps(text, ensure_ascii=False).encode()
     return payload.strip()
-
-
-def encode_data(topic: str, payload: bytes, position: Position | None = None) -> bytes:
-    """The data frame text for one published message; built once per message, whatever the subscriber count."""
-    # Valid topic names, offsets and epochs hold no character JSON would escape, so quoting is enough.
-    head = b'{"topic":"' + topic.encode() + b'","data":' + json_value(payload)
-    if position is None:
-        return head + b"}"
-    return head + b',"offset":"' + position.offset.encode() + b'","epoch":"' + position.epoch.encode() + b'"}'
-
-
-def encode_message(payload: bytes) -> bytes:
-    """A message sent to one user's connections (HTTP API `POST /api/users/<id>/publish`)."""
-    return b'{"op":"message","data":' + json_value(payload) + b"}"
-
-
-def encode_broadcast(broadcast_id: str, payload: bytes) -> bytes:
-    """A site-wide broadcast, sent to every connection whatever its subscriptions."""
-    return b'{"op":"broadcast","broadcast":' + json.dumps(broadcast_id).encode() + b',"data":' \
-        + json_value(payload) + b"}"

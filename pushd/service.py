@@ -26,17 +26,18 @@ from pushd.broadcast import NodeBroadcast
 from pushd.cluster import Cluster, parse_control
 from pushd.config import Config, ConfigError, Options, build_config
 from pushd.hooks import Hooks, load_hooks
-from pushd.hub import Hub, text_frame
+from pushd.hub import FrameCache, Hub
 from pushd.recovery import Position
 from pushd.redis.client import RedisLink
 from pushd.redis.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from pushd.redis.history import History, HistoryKeys, HistoryPolicies, parse_envelope
 from pushd.redis.listener import Listener, MessageHandler
 from pushd.redis.state import Keys, NodeState
+from pushd.session import AuthPolicy, Services
 from pushd.tasks import TaskPool
 from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate
 from pushd.transport import write_through
-from pushd.ws import AuthPolicy, PushFactory
+from pushd.ws import CENTRIFUGO, NATIVE, PushFactory
 
 
 class StartupError(Exception):
@@ -179,12 +180,17 @@ class PushdService(MultiService):
         except Exception as e:
             raise StartupError(f"redis: cannot PSUBSCRIBE on {target.display}: {_reason(e)}") from None
 
+        services = Services(clock=self.reactor, hub=self.hub, limits=self.limits, tasks=self.tasks, hooks=self.hooks,
+                            auth=self.auth, history=self.history, presence=self.cluster,
+                            bad_frame_limit=config.bad_frame_limit, ping_interval=config.ping_interval,
+                            ping_timeout=config.ping_timeout)
+        wires = {config.ws_path: NATIVE}
+        if config.centrifugo_path:
+            wires[config.centrifugo_path] = CENTRIFUGO
         self.factory = PushFactory(
-            clock=self.reactor, hub=self.hub, node_id=self.node_id, ws_path=config.ws_path, limits=self.limits,
-            max_frame_size=config.max_frame_size, high_water_mark=config.high_water_mark,
-            bad_frame_limit=config.bad_frame_limit, ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout, tasks=self.tasks, hooks=self.hooks, auth=self.auth,
-            history=self.history)
+            services=services, node_id=self.node_id, wires=wires, max_frame_size=config.max_frame_size,
+            high_water_mark=config.high_water_mark, ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout)
         for description, endpoint in self._listen:
             try:
                 port = yield endpoint.listen(self.factory)
@@ -258,8 +264,8 @@ class PushdService(MultiService):
         if parsed is None:
             self.dropped_messages += 1
             return
-        offset, epoch, payload = parsed
-        self.published(topic, payload, Position(offset, epoch))
+        position, payload = parsed
+        self.published(topic, payload, position)
 
     def published(self, topic: str, payload: bytes, position: Position | None = None) -> None:
         """A message arrived from Redis for `topic`."""
@@ -278,9 +284,9 @@ class PushdService(MultiService):
         """A message for every local connection of `user` (HTTP API), framed once."""
         connections = self.hub.user_connections(user)
         if connections:
-            frame = text_frame(protocol.encode_message(payload))
+            frames = FrameCache(lambda wire: wire.message(payload))
             for conn in connections:
-                conn.write(frame)
+                conn.write(frames.frame(conn.wire))
 
     def control_message(self, rest: str, message: bytes) -> None:
         """A cluster-wide order from some node's HTTP API: broadcast, or disconnect."""
@@ -303,14 +309,14 @@ class PushdService(MultiService):
     def _broadcast(self, broadcast_id: str, payload: bytes) -> None:
         cluster = self.cluster
         assert cluster is not None
-        frame = text_frame(protocol.encode_broadcast(broadcast_id, payload))
+        frames = FrameCache(lambda wire: wire.broadcast(broadcast_id, payload))
 
         def report(counts: dict[str, Any]) -> None:
             cluster.report_broadcast(broadcast_id, self.node_id, counts).addErrback(
                 lambda f: self.log.warn("could not record broadcast {id} progress: {error}", id=broadcast_id,
                                         error=f.value))
 
-        broadcast = NodeBroadcast(broadcast_id, frame, self.hub, report, self.cooperator)
+        broadcast = NodeBroadcast(broadcast_id, frames, self.hub, report, self.cooperator)
         self.broadcasts[broadcast_id] = broadcast
         broadcast.start().addBoth(lambda _: self.broadcasts.pop(broadcast_id, None))
 

@@ -25,7 +25,10 @@ from pushd.hooks import Hooks
 from pushd.hub import Hub, MembershipObserver
 from pushd.protocol import Limits
 from pushd.recovery import Position
-from pushd.ws import AuthPolicy, HistoryReader, PushConnection, PushFactory
+from pushd.session import AuthPolicy, HistoryReader, PresenceReader, Services, Session
+from pushd.tasks import TaskRunner
+from pushd.wire import Wire
+from pushd.ws import CENTRIFUGO, NATIVE, PushConnection, PushFactory
 
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -46,6 +49,9 @@ class RecordingObserver:
     def opened(self, conn_id: str) -> None:
         self.events.append(("opened", conn_id))
 
+    def identified(self, conn_id: str, user: str) -> None:
+        self.events.append(("identified", conn_id, user))
+
     def subscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
         self.events.append(("subscribed", conn_id, topics))
 
@@ -59,12 +65,14 @@ class RecordingObserver:
 class FakeSubscriber:
     """A hub `Subscriber` that records what it is sent; `accept=False` makes every write fail (a slow consumer)."""
 
-    def __init__(self, conn_id: str, accept: bool = True) -> None:
+    def __init__(self, conn_id: str, accept: bool = True, wire: Wire = NATIVE) -> None:
         self.conn_id = conn_id
         self.topics: set[str] = set()
+        self.wire = wire
         self.written: list[bytes] = []
         self.accept = accept
         self.dropped: str | None = None
+        self.lost_topics: list[str] = []
 
     def write(self, data: bytes) -> bool:
         if not self.accept:
@@ -74,6 +82,9 @@ class FakeSubscriber:
 
     def drop(self, reason: str) -> None:
         self.dropped = reason
+
+    def lost(self, topic: str) -> None:
+        self.lost_topics.append(topic)
 
 
 @dataclass
@@ -148,8 +159,13 @@ class MemoryClient:
         self.transport.clear()
 
     @property
+    def session(self) -> Session:
+        assert self.protocol.session is not None, "the handshake did not complete"
+        return self.protocol.session
+
+    @property
     def conn_id(self) -> str:
-        return str(self.protocol.conn_id)
+        return self.session.conn_id
 
     def send_frame(self, opcode: int, payload: bytes) -> None:
         frame = PreparedMessage(payload, opcode == OP_BINARY, True, True).payloadHybi
@@ -203,18 +219,22 @@ class MemoryNode:
     node_id: str = "test-node"
     auth: AuthPolicy = field(default_factory=AuthPolicy)
     history: HistoryReader | None = None
+    presence: PresenceReader | None = None
+    tasks: TaskRunner = field(default_factory=lambda: InlineTasks())
 
     def __post_init__(self) -> None:
         self.clock = MemoryReactorClock()
         txaio.use_twisted()
         txaio.config.loop = self.clock  # type: ignore[attr-defined]
         self.hub = Hub(self.observer)
+        self.services = Services(
+            clock=self.clock, hub=self.hub, limits=self.limits, tasks=self.tasks, hooks=self.hooks,
+            auth=self.auth, history=self.history, presence=self.presence, bad_frame_limit=self.bad_frame_limit,
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout)
         self.factory = PushFactory(
-            clock=self.clock, hub=self.hub, node_id=self.node_id, ws_path="/ws", limits=self.limits,
+            services=self.services, node_id=self.node_id, wires={"/ws": NATIVE, "/connection/websocket": CENTRIFUGO},
             max_frame_size=self.max_frame_size, high_water_mark=self.high_water_mark,
-            bad_frame_limit=self.bad_frame_limit, ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout, tasks=InlineTasks(),
-            hooks=self.hooks, auth=self.auth, history=self.history)
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout)
 
     def connect(self, path: str = "/ws") -> MemoryClient:
         return MemoryClient(self, path)

@@ -1,23 +1,26 @@
-"""Per-topic message history in Redis Streams: publish with an offset, replay what a client missed, the last message.
+"""Per-topic message history in Redis Streams: publish with a position, replay what a client missed, the last message.
 
 A message with history is appended to its topic's stream and published in the same Lua script, so a live
-message always carries its offset and the stream never misses a message that was delivered. The epoch names
-one life of a topic's history: when Redis loses it, a new epoch tells clients their offsets mean nothing any
-more. The seam between replay and live delivery is `pushd.recovery.stitch`.
+message always carries its position and the stream never misses a message that was delivered. A position is
+the stream entry id (pushd's own protocol calls it the offset), the epoch, and the message's number in that
+epoch (1, 2, 3, ...: Centrifugo's protocol calls that the offset). The epoch names one life of a topic's
+history: when Redis loses it, a new epoch tells clients their positions mean nothing any more. The epoch and
+the last number live together in one hash, so numbers never repeat within an epoch, even when the stream
+itself is evicted or trimmed. The seam between replay and live delivery is `pushd.recovery.stitch`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from pushd.recovery import MAX_PART, Position, is_offset, offset_key
+from pushd.recovery import MAX_PART, OffsetSince, Position, SeqSince, Since, is_offset, offset_key
 from pushd.redis.client import reply_text
 
 MAX_SIZE = 100_000
@@ -25,11 +28,11 @@ MAX_TTL = 30 * 24 * 3600
 
 #: Append messages to their topics' histories and publish them, atomically.
 #:
-#: One message: KEYS stream, epoch key; ARGV channel, payload, maxlen (entries kept), ttl (seconds; 0 = no
-#: expiry). Several: 2 keys and 4 arguments per message, in order. Returns {offset, epoch} per message, flat;
-#: the channel gets b"<offset> <epoch>\n" + payload (`parse_envelope`).
+#: One message: KEYS stream, meta hash; ARGV channel, payload, maxlen (entries kept), ttl (seconds; 0 = no
+#: expiry). Several: 2 keys and 4 arguments per message, in order. Returns {offset, epoch, seq} per message,
+#: flat; the channel gets b"<offset> <epoch> <seq>\n" + payload (`parse_envelope`).
 #: Publishers that talk to Redis directly use it the same way (pushd's default key prefix "pushd:"):
-#:   EVAL "<PUBLISH_SCRIPT>" 2 pushd:history:TOPIC pushd:epoch:TOPIC pushd:pub:TOPIC PAYLOAD 1000 3600
+#:   EVAL "<PUBLISH_SCRIPT>" 2 pushd:history:TOPIC pushd:meta:TOPIC pushd:pub:TOPIC PAYLOAD 1000 3600
 #: TIME before a write needs script effects replication: the default from Redis 5, asked for anyway in case
 #: `lua-replicate-commands no` is set (a no-op from Redis 7). tests/integration/test_history_scripts.py checks.
 PUBLISH_SCRIPT = """
@@ -37,22 +40,24 @@ redis.replicate_commands()
 local result = {}
 for i = 1, #KEYS, 2 do
   local a = (i - 1) * 2
-  local stream, epoch_key, payload = KEYS[i], KEYS[i + 1], ARGV[a + 2]
-  local epoch = redis.call('GET', epoch_key)
+  local stream, meta, payload = KEYS[i], KEYS[i + 1], ARGV[a + 2]
+  local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     local now = redis.call('TIME')
     epoch = now[1] .. string.format('%06d', tonumber(now[2]))
-    redis.call('SET', epoch_key, epoch)
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
   end
-  local offset = redis.call('XADD', stream, 'MAXLEN', '=', ARGV[a + 3], '*', 'd', payload)
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  local offset = redis.call('XADD', stream, 'MAXLEN', '=', ARGV[a + 3], '*', 'd', payload, 'n', seq)
   local ttl = tonumber(ARGV[a + 4])
   if ttl > 0 then
     redis.call('EXPIRE', stream, ttl)
-    redis.call('EXPIRE', epoch_key, ttl)
+    redis.call('EXPIRE', meta, ttl)
   end
-  redis.call('PUBLISH', ARGV[a + 1], offset .. ' ' .. epoch .. '\\n' .. payload)
+  redis.call('PUBLISH', ARGV[a + 1], offset .. ' ' .. epoch .. ' ' .. seq .. '\\n' .. payload)
   result[#result + 1] = offset
   result[#result + 1] = epoch
+  result[#result + 1] = seq
 end
 return result
 """
@@ -61,14 +66,86 @@ return result
 #: while no single script call keeps Redis busy for long.
 PUBLISH_BATCH = 100
 
-#: KEYS: stream, epoch key. ARGV: first offset (inclusive), count. Returns {epoch or nil, entries}.
+#: Recovery by stream offset. KEYS: stream, meta. ARGV: first offset (inclusive), count.
+#: Returns {epoch or nil, entries}.
 RECOVER_SCRIPT = """
-return {redis.call('GET', KEYS[2]), redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+return {redis.call('HGET', KEYS[2], 'epoch'), redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
 """
 
-#: KEYS: stream, epoch key. Returns {epoch or nil, the newest entry or none}.
-LATEST_SCRIPT = """
-return {redis.call('GET', KEYS[2]), redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)}
+#: Recovery by message number. KEYS: stream, meta. ARGV: the client's last number, the most to replay, the
+#: history's ttl. Returns {epoch, the last number, the entries after the client's number newest first (none
+#: when nothing or too much was missed)}. A topic without an epoch gets one (number 0), so a client that
+#: cannot recover is told a position it can recover from next time.
+RECOVER_SEQ_SCRIPT = """
+redis.replicate_commands()
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  local now = redis.call('TIME')
+  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 'seq'))
+local missed = top - tonumber(ARGV[1])
+if missed <= 0 or missed > tonumber(ARGV[2]) then
+  return {epoch, top, {}}
+end
+return {epoch, top, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', missed)}
+"""
+
+#: Where a topic's history stands. KEYS: stream, meta. ARGV: ttl; when above 0 and the topic has no epoch yet,
+#: one is made (number 0, expiring after ttl), so a subscriber told this position can recover from it later.
+#: Returns {epoch or nil, the last number, the newest entry or none}.
+TOP_SCRIPT = """
+redis.replicate_commands()
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  local ttl = tonumber(ARGV[1])
+  if ttl <= 0 then
+    return {false, 0, {}}
+  end
+  local now = redis.call('TIME')
+  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+local seq = tonumber(redis.call('HGET', KEYS[2], 'seq'))
+return {epoch, seq, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)}
+"""
+
+#: A page of history for a client's read. KEYS: stream, meta. ARGV: limit (0: only the position), "1" for the
+#: newest first, the number to read after (before, newest first) or -1 for the start (the end).
+#: Returns {epoch or nil, the last number, entries in the order asked}.
+PAGE_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  return {false, 0, {}}
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 'seq'))
+local limit, reverse, since = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+if limit <= 0 then
+  return {epoch, top, {}}
+end
+if since < 0 then
+  if reverse then
+    return {epoch, top, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)}
+  end
+  return {epoch, top, redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)}
+end
+if reverse then
+  local skip = math.max(0, top - since + 1)
+  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', skip + limit)
+  local page = {}
+  for i = skip + 1, #newest do page[#page + 1] = newest[i] end
+  return {epoch, top, page}
+end
+if top - since <= 0 then
+  return {epoch, top, {}}
+end
+local after = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', top - since)
+local page = {}
+for i = #after, math.max(1, #after - limit + 1), -1 do page[#page + 1] = after[i] end
+return {epoch, top, page}
 """
 
 
@@ -148,24 +225,28 @@ class HistoryKeys:
     def stream(self, topic: str) -> str:
         return f"{self.prefix}history:{topic}"
 
-    def epoch(self, topic: str) -> str:
-        return f"{self.prefix}epoch:{topic}"
+    def meta(self, topic: str) -> str:
+        """The hash of the history's epoch and its last message number."""
+        return f"{self.prefix}meta:{topic}"
 
     def channel(self, topic: str) -> str:
         """The channel PUBLISH_SCRIPT publishes the envelope on."""
         return f"{self.prefix}pub:{topic}"
 
 
-def encode_envelope(offset: str, epoch: str, payload: bytes) -> bytes:
-    """What PUBLISH_SCRIPT publishes: b"<offset> <epoch>\\n" + payload."""
-    return f"{offset} {epoch}\n".encode() + payload
+def encode_envelope(position: Position, payload: bytes) -> bytes:
+    """What PUBLISH_SCRIPT publishes: b"<offset> <epoch> <seq>\\n" + payload."""
+    return f"{position.offset} {position.epoch} {position.seq}\n".encode() + payload
 
 
-_ENVELOPE_HEADER = re.compile(rb"([0-9]{1,20})-([0-9]{1,20}) ([!-~]+)")
+_ENVELOPE_HEADER = re.compile(rb"([0-9]{1,20})-([0-9]{1,20}) ([!-~]+?)(?: ([0-9]{1,19}))?")
 
 
-def parse_envelope(message: bytes) -> tuple[str, str, bytes] | None:
-    """(offset, epoch, payload) of a published envelope, or None when it is not one."""
+def parse_envelope(message: bytes) -> tuple[Position, bytes] | None:
+    """(position, payload) of a published envelope, or None when it is not one.
+
+    The number is optional, so envelopes of publishers that do not number messages still arrive (number 0).
+    """
     end = message.find(b"\n")
     if end < 0:
         return None
@@ -176,22 +257,38 @@ def parse_envelope(message: bytes) -> tuple[str, str, bytes] | None:
     # Only a 20-digit part can exceed 2**64 - 1: the common case costs no int().
     if (len(ms) == 20 and int(ms) > MAX_PART) or (len(seq) == 20 and int(seq) > MAX_PART):
         return None
-    return (message[:header.end(2)].decode("ascii"), header[3].decode("ascii"), message[end + 1:])
+    number = header[4]
+    position = Position(message[:header.end(2)].decode("ascii"), header[3].decode("ascii"),
+                        int(number) if number else 0)
+    return position, message[end + 1:]
 
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """What a client missed: (offset, payload) strictly after its position, in stream order."""
+    """What a client missed: (position, payload) strictly after its own, in stream order."""
 
     epoch: str
-    entries: tuple[tuple[str, bytes], ...]
+    entries: tuple[tuple[Position, bytes], ...]
+    #: The number of the newest message when history was read (0 when unknown).
+    top: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryFailed:
-    """History cannot fill the gap; `reason` is one line for the client."""
+    """History cannot fill the gap; `reason` is one line for the client. `top`: where history stands now."""
 
     reason: str
+    top: StreamTop | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTop:
+    """Where a topic's history stands: its epoch and the number of its newest message (0: none yet)."""
+
+    epoch: str
+    seq: int
+    #: The newest entry's stream id, "0-0" when the stream is empty.
+    offset: str = "0-0"
 
 
 def _bytes(value: Any) -> bytes:
@@ -203,14 +300,18 @@ def _bytes(value: Any) -> bytes:
     return str(value).encode()
 
 
-def _entry(entry: Any) -> tuple[str, bytes]:
-    """(offset, payload) of a stream entry [id, [field, value, ...]]; the payload is field 'd'."""
+def _entry(entry: Any, epoch: str) -> tuple[Position, bytes]:
+    """(position, payload) of a stream entry [id, [field, value, ...]]: the payload is field 'd', its number 'n'."""
     entry_id, fields = entry
     fields = list(fields or ())
+    payload, seq = b"", 0
     for i in range(0, len(fields) - 1, 2):
-        if reply_text(fields[i]) == "d":
-            return reply_text(entry_id), _bytes(fields[i + 1])
-    return reply_text(entry_id), b""
+        name = reply_text(fields[i])
+        if name == "d":
+            payload = _bytes(fields[i + 1])
+        elif name == "n":
+            seq = int(reply_text(fields[i + 1]))
+    return Position(reply_text(entry_id), epoch, seq), payload
 
 
 def _epoch(value: Any) -> str | None:
@@ -221,7 +322,7 @@ class History:
     """Publishes messages into their topics' history and reads it back for recovering and new subscribers.
 
     `link` runs commands like `pushd.redis.client.RedisLink.call`. Reads of the same thing that are in flight
-    at the same time share one Redis call (a reconnect storm asks for the same offsets many times over).
+    at the same time share one Redis call (a reconnect storm asks for the same positions many times over).
     """
 
     def __init__(self, link: Any, keys: HistoryKeys, policies: HistoryPolicies, *, channel_prefix: str,
@@ -231,10 +332,12 @@ class History:
         self.policies = policies
         self.channel_prefix = channel_prefix
         self.replay_limit = replay_limit
-        self._recovering: dict[tuple[str, str], list[tuple[defer.Deferred[Replay | RecoveryFailed], str]]] = {}
-        self._latest: dict[str, list[defer.Deferred[tuple[Position, bytes] | None]]] = {}
+        self._reads: dict[tuple[Any, ...], list[tuple[defer.Deferred[Any], Since | None]]] = {}
         self.reads = 0
         self.merged_reads = 0
+
+    def keeps_history(self, topic: str) -> bool:
+        return self.policies.for_topic(topic).size > 0
 
     # -- publishing ---------------------------------------------------------------------------------------
 
@@ -269,101 +372,153 @@ class History:
         keys: list[str] = []
         args: list[Any] = []
         for topic, payload, policy in run:
-            keys += [self.keys.stream(topic), self.keys.epoch(topic)]
+            keys += [self.keys.stream(topic), self.keys.meta(topic)]
             args += [self.keys.channel(topic), payload, str(policy.size), str(policy.ttl)]
-        d: defer.Deferred[list[Position | None]] = self._link.call("eval", PUBLISH_SCRIPT, keys, args)
-        return d.addCallback(lambda reply: [Position(reply_text(reply[i]), reply_text(reply[i + 1]))
-                                            for i in range(0, len(reply), 2)])
+        d: defer.Deferred[Any] = self._link.call("eval", PUBLISH_SCRIPT, keys, args)
+        return d.addCallback(_positions)
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def recover(self, topic: str, since: Position) -> defer.Deferred[Replay | RecoveryFailed]:
+    def recover(self, topic: str, since: Since) -> defer.Deferred[Replay | RecoveryFailed]:
         """What `topic` published after `since`, or why history cannot say."""
-        if self.policies.for_topic(topic).size == 0:
+        if not self.keeps_history(topic):
             return defer.succeed(RecoveryFailed(f"topic {topic!r} keeps no history"))
+        keys = [self.keys.stream(topic), self.keys.meta(topic)]
+        if isinstance(since, SeqSince):
+            if since.seq < 0:
+                return defer.succeed(RecoveryFailed(f"{since.seq} is not a message number"))
+            ttl = self.policies.for_topic(topic).ttl or MAX_TTL
+            return self._read(("seq", topic, since.seq), RECOVER_SEQ_SCRIPT, keys,
+                              [str(since.seq), str(self.replay_limit), str(ttl)], self._judge_seq, since)
         if not is_offset(since.offset):
             return defer.succeed(RecoveryFailed(f"{since.offset!r} is not a stream offset"))
-        waiter: defer.Deferred[Replay | RecoveryFailed] = defer.Deferred()
-        key = (topic, since.offset)
-        waiters = self._recovering.get(key)
-        if waiters is not None:
-            self.merged_reads += 1
-            waiters.append((waiter, since.epoch))
-            return waiter
-        self._recovering[key] = [(waiter, since.epoch)]
-        self.reads += 1
         # Inclusive start: finding `since` itself proves the history still reaches back that far.
-        d = self._link.call("eval", RECOVER_SCRIPT, [self.keys.stream(topic), self.keys.epoch(topic)],
-                            [since.offset, str(self.replay_limit + 2)])
-        d.addBoth(self._recovered, key)
-        return waiter
-
-    def _recovered(self, reply: Any, key: tuple[str, str]) -> None:
-        waiters = self._recovering.pop(key)
-        for waiter, epoch in waiters:
-            if isinstance(reply, Failure):
-                waiter.errback(reply)
-            else:
-                try:
-                    verdict = self._judge(key[1], epoch, reply)
-                except Exception:
-                    waiter.errback()
-                else:
-                    waiter.callback(verdict)
-
-    def _judge(self, since: str, epoch: str, reply: Any) -> Replay | RecoveryFailed:
-        current, raw_entries = reply
-        current = _epoch(current)
-        if current is None:
-            return RecoveryFailed(f"history no longer reaches back to {since} (expired or lost)")
-        if current != epoch:
-            return RecoveryFailed("history epoch changed (Redis lost it)")
-        entries = [_entry(entry) for entry in raw_entries or ()]
-        if not entries or offset_key(entries[0][0]) != offset_key(since):
-            return RecoveryFailed(f"history no longer reaches back to {since}")
-        missed = entries[1:]
-        if len(missed) > self.replay_limit:
-            return RecoveryFailed(f"more than {self.replay_limit} messages missed")
-        return Replay(current, tuple(missed))
+        return self._read(("offset", topic, since.offset), RECOVER_SCRIPT, keys,
+                          [since.offset, str(self.replay_limit + 2)], self._judge_offset, since)
 
     def latest(self, topic: str) -> defer.Deferred[tuple[Position, bytes] | None]:
         """The newest message of `topic` with its position, or None when its history is empty."""
-        if self.policies.for_topic(topic).size == 0:
+        if not self.keeps_history(topic):
             return defer.succeed(None)
-        waiter: defer.Deferred[tuple[Position, bytes] | None] = defer.Deferred()
-        waiters = self._latest.get(topic)
+        return self._read(("latest", topic), TOP_SCRIPT, [self.keys.stream(topic), self.keys.meta(topic)], ["0"],
+                          _newest, None)
+
+    def top(self, topic: str) -> defer.Deferred[StreamTop | None]:
+        """Where `topic`'s history stands, starting an epoch if it has none; None when it keeps no history.
+
+        A subscriber told this position can recover from it after a reconnect, even before the first publish.
+        """
+        policy = self.policies.for_topic(topic)
+        if not policy.size:
+            return defer.succeed(None)
+        return self._read(("top", topic), TOP_SCRIPT, [self.keys.stream(topic), self.keys.meta(topic)],
+                          [str(policy.ttl or MAX_TTL)], _top, None)
+
+    def page(self, topic: str, limit: int, since: SeqSince | None,
+             reverse: bool) -> defer.Deferred[tuple[StreamTop, list[tuple[Position, bytes]]] | RecoveryFailed]:
+        """Up to `limit` messages of `topic` after `since` (before it when `reverse`), or from the start (the
+        end); with the position history stands at. RecoveryFailed when `since` is from another epoch or
+        history no longer reaches back to it."""
+        if not self.keeps_history(topic):
+            return defer.succeed(RecoveryFailed(f"topic {topic!r} keeps no history"))
+        args = [str(limit), "1" if reverse else "0", str(since.seq if since is not None else -1)]
+        return self._read(("page", topic, *args), PAGE_SCRIPT, [self.keys.stream(topic), self.keys.meta(topic)],
+                          args, _page, since)
+
+    def _read(self, key: tuple[Any, ...], script: str, keys: list[str], args: list[str],
+              judge: Callable[[Any, Any], Any], since: Since | None) -> defer.Deferred[Any]:
+        """Run one read script; callers asking the same while it is in flight share it, each judged apart."""
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        waiters = self._reads.get(key)
         if waiters is not None:
             self.merged_reads += 1
-            waiters.append(waiter)
+            waiters.append((waiter, since))
             return waiter
-        self._latest[topic] = [waiter]
+        self._reads[key] = [(waiter, since)]
         self.reads += 1
-        d = self._link.call("eval", LATEST_SCRIPT, [self.keys.stream(topic), self.keys.epoch(topic)], [])
-        d.addBoth(self._got_latest, topic)
+        d = self._link.call("eval", script, keys, args)
+        d.addBoth(self._answered, key, judge)
         return waiter
 
-    def _got_latest(self, reply: Any, topic: str) -> None:
-        waiters = self._latest.pop(topic)
-        result: Any = reply
-        if not isinstance(reply, Failure):
+    def _answered(self, reply: Any, key: tuple[Any, ...], judge: Callable[[Any, Any], Any]) -> None:
+        for waiter, since in self._reads.pop(key):
+            if isinstance(reply, Failure):
+                waiter.errback(reply)
+                continue
             try:
-                result = _newest(reply)
+                verdict = judge(reply, since)
             except Exception:
-                result = Failure()
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
+                waiter.errback()
             else:
-                waiter.callback(result)
+                waiter.callback(verdict)
+
+    def _judge_offset(self, reply: Any, since: OffsetSince) -> Replay | RecoveryFailed:
+        current, raw_entries = reply
+        current = _epoch(current)
+        if current is None:
+            return RecoveryFailed(f"history no longer reaches back to {since.offset} (expired or lost)")
+        if current != since.epoch:
+            return RecoveryFailed("history epoch changed (Redis lost it)")
+        entries = [_entry(entry, current) for entry in raw_entries or ()]
+        if not entries or offset_key(entries[0][0].offset) != offset_key(since.offset):
+            return RecoveryFailed(f"history no longer reaches back to {since.offset}")
+        missed = entries[1:]
+        if len(missed) > self.replay_limit:
+            return RecoveryFailed(f"more than {self.replay_limit} messages missed")
+        return Replay(current, tuple(missed), missed[-1][0].seq if missed else entries[0][0].seq)
+
+    def _judge_seq(self, reply: Any, since: SeqSince) -> Replay | RecoveryFailed:
+        current, raw_top, raw_entries = reply
+        current = reply_text(current)
+        top = int(raw_top)
+        where = StreamTop(current, top)
+        # An empty epoch stands for any (as Centrifugo has it): a client that was never told one.
+        if since.epoch and current != since.epoch:
+            return RecoveryFailed("history epoch changed (Redis lost it)", where)
+        if since.seq > top:
+            return RecoveryFailed(f"position {since.seq} is ahead of the history ({top})", where)
+        missed = top - since.seq
+        if missed > self.replay_limit:
+            return RecoveryFailed(f"more than {self.replay_limit} messages missed", where)
+        entries = [_entry(entry, current) for entry in reversed(raw_entries or ())]
+        if len(entries) != missed or [p.seq for p, _ in entries] != list(range(since.seq + 1, top + 1)):
+            return RecoveryFailed(f"history no longer reaches back to {since.seq}", where)
+        return Replay(current, tuple(entries), top)
 
 
-def _newest(reply: Any) -> tuple[Position, bytes] | None:
-    current, raw_entries = reply
+def _positions(reply: Any) -> list[Position | None]:
+    """The positions PUBLISH_SCRIPT returns, flat: offset, epoch, number per message."""
+    return [Position(reply_text(reply[i]), reply_text(reply[i + 1]), int(reply[i + 2]))
+            for i in range(0, len(reply), 3)]
+
+
+def _newest(reply: Any, _: None) -> tuple[Position, bytes] | None:
+    current, _, raw_entries = reply
     current = _epoch(current)
     if current is None or not raw_entries:
         return None
-    offset, payload = _entry(raw_entries[0])
-    return Position(offset, current), payload
+    return _entry(raw_entries[0], current)
+
+
+def _page(reply: Any, since: SeqSince | None) -> tuple[StreamTop, list[tuple[Position, bytes]]] | RecoveryFailed:
+    current, raw_top, raw_entries = reply
+    epoch = _epoch(current)
+    top = StreamTop(epoch or "", int(raw_top))
+    entries = [_entry(entry, top.epoch) for entry in raw_entries or ()]
+    if since is not None:
+        if epoch != since.epoch and not (epoch is None and since.seq == 0):
+            return RecoveryFailed("history epoch changed (Redis lost it)", top)
+        if since.seq > top.seq:
+            return RecoveryFailed(f"position {since.seq} is ahead of the history ({top.seq})", top)
+        if entries and entries[0][0].seq not in (since.seq + 1, since.seq - 1):
+            return RecoveryFailed(f"history no longer reaches back to {since.seq}", top)
+    return top, entries
+
+
+def _top(reply: Any, _: None) -> StreamTop:
+    current, seq, raw_entries = reply
+    offset = reply_text(raw_entries[0][0]) if raw_entries else "0-0"
+    return StreamTop(reply_text(current), int(seq), offset)
 
 
 def _first_error(failure: Failure) -> Failure:

@@ -28,29 +28,45 @@ local prefix = ARGV[1]
 local topics_key = prefix .. 'topics'
 local function sub(cid, topics)
   local ck = prefix .. 'conn:' .. cid
+  local user = redis.call('GET', prefix .. 'conn-user:' .. cid)
   for _, t in ipairs(topics) do
-    redis.call('SADD', ck, t)
+    if redis.call('SADD', ck, t) == 1 and user then
+      redis.call('HINCRBY', prefix .. 'topic-users:' .. t, user, 1)
+    end
     redis.call('SADD', prefix .. 'topic:' .. t, cid)
     redis.call('SADD', topics_key, t)
   end
 end
 local function unsub(cid, topics)
   local ck = prefix .. 'conn:' .. cid
+  local user = redis.call('GET', prefix .. 'conn-user:' .. cid)
   for _, t in ipairs(topics) do
-    redis.call('SREM', ck, t)
+    if redis.call('SREM', ck, t) == 1 and user then
+      local uk = prefix .. 'topic-users:' .. t
+      if redis.call('HINCRBY', uk, user, -1) <= 0 then redis.call('HDEL', uk, user) end
+    end
     local tk = prefix .. 'topic:' .. t
     redis.call('SREM', tk, cid)
     if redis.call('EXISTS', tk) == 0 then redis.call('SREM', topics_key, t) end
   end
 end
+local function identify(cid, user)
+  local key = prefix .. 'conn-user:' .. cid
+  if redis.call('GET', key) then return end
+  redis.call('SET', key, user)
+  for _, t in ipairs(redis.call('SMEMBERS', prefix .. 'conn:' .. cid)) do
+    redis.call('HINCRBY', prefix .. 'topic-users:' .. t, user, 1)
+  end
+end
 local function close(cid)
   local ck = prefix .. 'conn:' .. cid
   unsub(cid, redis.call('SMEMBERS', ck))
-  redis.call('DEL', ck)
+  redis.call('DEL', ck, prefix .. 'conn-user:' .. cid)
 end
 """
 
-#: ARGV: prefix, node id, JSON list of [op, conn id, topics?] with op in o(pen) s(ub) u(nsub) c(lose).
+#: ARGV: prefix, node id, JSON list of [op, conn id, topics or user?] with op in o(pen) i(dentify: the
+#: connection's user) s(ub) u(nsub) c(lose).
 APPLY_SCRIPT = _LIB + """
 local node_key = prefix .. 'node:' .. ARGV[2]
 for _, op in ipairs(cjson.decode(ARGV[3])) do
@@ -58,6 +74,7 @@ for _, op in ipairs(cjson.decode(ARGV[3])) do
   if kind == 's' then sub(cid, op[3])
   elseif kind == 'u' then unsub(cid, op[3])
   elseif kind == 'o' then redis.call('SADD', node_key, cid)
+  elseif kind == 'i' then identify(cid, op[3])
   elseif kind == 'c' then close(cid); redis.call('SREM', node_key, cid)
   end
 end
@@ -95,6 +112,13 @@ class Keys:
     def topic(self, topic: str) -> str:
         return f"{self.prefix}topic:{topic}"
 
+    def topic_users(self, topic: str) -> str:
+        """user -> how many of that user's connections are subscribed to the topic."""
+        return f"{self.prefix}topic-users:{topic}"
+
+    def conn_user(self, conn_id: str) -> str:
+        return f"{self.prefix}conn-user:{conn_id}"
+
     def conn(self, conn_id: str) -> str:
         return f"{self.prefix}conn:{conn_id}"
 
@@ -121,7 +145,7 @@ class NodeState:
 
     def __init__(self, clock: Any, redis: RedisLink, keys: Keys, node_id: str, *,
                  heartbeat_interval: int, heartbeat_ttl: int,
-                 snapshot: Callable[[], Iterable[tuple[str, tuple[str, ...]]]],
+                 snapshot: Callable[[], Iterable[tuple[str, tuple[str, ...], str | None]]],
                  info: Callable[[], dict[str, Any]] = dict) -> None:
         self._clock = clock
         self._redis = redis
@@ -146,6 +170,9 @@ class NodeState:
 
     def opened(self, conn_id: str) -> None:
         self._queue(["o", conn_id])
+
+    def identified(self, conn_id: str, user: str) -> None:
+        self._queue(["i", conn_id, user])
 
     def subscribed(self, conn_id: str, topics: tuple[str, ...]) -> None:
         self._queue(["s", conn_id, list(topics)])
@@ -221,8 +248,10 @@ class NodeState:
             # Changes from here on come after the snapshot and are applied after it.
             self._ops = []
             ops: list[Op] = []
-            for conn_id, topics in self._snapshot():
+            for conn_id, topics, user in self._snapshot():
                 ops.append(["o", conn_id])
+                if user is not None:
+                    ops.append(["i", conn_id, user])
                 if topics:
                     ops.append(["s", conn_id, list(topics)])
             for start in range(0, len(ops), BATCH):

@@ -62,3 +62,29 @@ def test_purge_of_a_dead_node_stops_if_its_heartbeat_is_back(r):
     r.delete("p:heartbeat:d")
     assert purge(r, "d", mode="dead") == 0
     assert r.keys("p:*") == []
+
+
+def test_users_per_topic_follow_identify_subscribe_unsubscribe_and_close(r):
+    # alice has two connections on A, bob one; a connection identified after subscribing counts too.
+    apply(r, "n", ("o", "n:1"), ("i", "n:1", "alice"), ("s", "n:1", ["A", "B"]),
+          ("o", "n:2"), ("s", "n:2", ["A"]), ("i", "n:2", "alice"),
+          ("o", "n:3"), ("i", "n:3", "bob"), ("s", "n:3", ["A", "A"]), ("o", "n:4"), ("s", "n:4", ["A"]))
+    assert r.hgetall("p:topic-users:A") == {"alice": "2", "bob": "1"}
+    assert r.hgetall("p:topic-users:B") == {"alice": "1"}
+    assert r.scard("p:topic:A") == 4  # n:4 is anonymous: a connection, not a user
+
+    apply(r, "n", ("i", "n:1", "alice"), ("s", "n:1", ["A"]))  # again: no double count
+    assert r.hgetall("p:topic-users:A") == {"alice": "2", "bob": "1"}
+
+    apply(r, "n", ("u", "n:1", ["A", "never-had"]), ("c", "n:3"))
+    assert r.hgetall("p:topic-users:A") == {"alice": "1"}
+    apply(r, "n", ("c", "n:2"), ("c", "n:1"), ("c", "n:4"))
+    assert r.keys("p:*") == []
+
+
+def test_purge_removes_the_users_of_the_node(r):
+    apply(r, "d", ("o", "d:1"), ("i", "d:1", "alice"), ("s", "d:1", ["A"]))
+    apply(r, "m", ("o", "m:1"), ("i", "m:1", "alice"), ("s", "m:1", ["A"]))
+    assert purge(r, "d") == 0
+    assert r.hgetall("p:topic-users:A") == {"alice": "1"}
+    assert not r.exists("p:conn-user:d:1")

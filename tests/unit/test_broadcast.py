@@ -4,7 +4,7 @@ from twisted.internet import task
 
 from pushd import broadcast
 from pushd.broadcast import NodeBroadcast
-from pushd.hub import Hub
+from pushd.hub import FrameCache, Hub
 from pushd.testing import FakeSubscriber as Conn
 
 
@@ -44,7 +44,7 @@ def test_every_connection_once_in_steps_with_counts(monkeypatch):
     for conn in conns:
         hub.add(conn)
     reports = []
-    run = NodeBroadcast("b1", b"FRAME", hub, reports.append, stepping_cooperator(clock))
+    run = NodeBroadcast("b1", FrameCache(lambda wire: b"FRAME"), hub, reports.append, stepping_cooperator(clock))
     done = run.start()
     assert reports == [{"targeted": 7, "sent": 0, "dropped_slow": 0, "dropped_gone": 0, "state": "running"}]
     clock.advance()

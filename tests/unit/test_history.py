@@ -6,17 +6,20 @@ The Lua scripts themselves run against a real redis-server in tests/integration/
 import pytest
 from twisted.internet import defer
 
-from pushd.recovery import Position
+from pushd.recovery import OffsetSince, Position, SeqSince
 from pushd.redis.history import (
-    LATEST_SCRIPT,
+    PAGE_SCRIPT,
     PUBLISH_SCRIPT,
     RECOVER_SCRIPT,
+    RECOVER_SEQ_SCRIPT,
+    TOP_SCRIPT,
     History,
     HistoryKeys,
     HistoryPolicies,
     HistoryPolicy,
     RecoveryFailed,
     Replay,
+    StreamTop,
     encode_envelope,
     parse_envelope,
 )
@@ -59,11 +62,17 @@ def make_history(replay_limit=3):
     return link, history
 
 
-def entries(*offsets, encoding=None):
-    rows = [[o, ["d", f"m{o}"]] for o in offsets]
+def entries(*offsets, encoding=None, seqs=None):
+    """Stream entries as Redis returns them: [id, ["d", payload, "n", number]]; numbered 1, 2, ... unless `seqs`."""
+    seqs = seqs or range(1, len(offsets) + 1)
+    rows = [[o, ["d", f"m{o}", "n", str(n)]] for o, n in zip(offsets, seqs, strict=True)]
     if encoding:
-        rows = [[o.encode(), [b"d", m.encode()]] for o, (_, m) in rows]
+        rows = [[o.encode(), [b"d", f[1].encode(), b"n", f[3].encode()]] for o, f in rows]
     return rows
+
+
+def at(offset, epoch="e", seq=0):
+    return Position(offset, epoch, seq)
 
 
 # -- publish ------------------------------------------------------------------------------------------------
@@ -72,14 +81,14 @@ def test_publish_sends_every_command_before_any_answer_and_keeps_the_order():
     link, history = make_history()
     d = history.publish([("A", b"1"), ("ticks.x", b"2"), ("B", b"3")])
     assert [c[0] for c in link.calls] == ["eval", "publish", "eval"]
-    assert link.calls[0][1] == (PUBLISH_SCRIPT, ["p:history:A", "p:epoch:A"], ["p:pub:A", b"1", "100", "600"])
+    assert link.calls[0][1] == (PUBLISH_SCRIPT, ["p:history:A", "p:meta:A"], ["p:pub:A", b"1", "100", "600"])
     assert link.calls[1][1] == ("push:ticks.x", b"2")
-    assert link.calls[2][1] == (PUBLISH_SCRIPT, ["p:history:B", "p:epoch:B"], ["p:pub:B", b"3", "100", "600"])
-    link.pending[2].callback([b"7-0", b"e1"])
-    link.pending[0].callback(["5-0", "e1"])
+    assert link.calls[2][1] == (PUBLISH_SCRIPT, ["p:history:B", "p:meta:B"], ["p:pub:B", b"3", "100", "600"])
+    link.pending[2].callback([b"7-0", b"e1", 1])
+    link.pending[0].callback(["5-0", "e1", 4])
     assert not d.called
     link.pending[1].callback(3)
-    assert results(d) == [Position("5-0", "e1"), None, Position("7-0", "e1")]
+    assert results(d) == [Position("5-0", "e1", 4), None, Position("7-0", "e1", 1)]
 
 
 def test_consecutive_history_messages_share_one_eval_of_at_most_publish_batch(monkeypatch):
@@ -89,14 +98,13 @@ def test_consecutive_history_messages_share_one_eval_of_at_most_publish_batch(mo
     link, history = make_history()
     d = history.publish([("A", b"1"), ("B", b"2"), ("C", b"3"), ("ticks.x", b"4"), ("D", b"5")])
     assert [c[0] for c in link.calls] == ["eval", "eval", "publish", "eval"]
-    assert link.calls[0][1] == (PUBLISH_SCRIPT, ["p:history:A", "p:epoch:A", "p:history:B", "p:epoch:B"],
+    assert link.calls[0][1] == (PUBLISH_SCRIPT, ["p:history:A", "p:meta:A", "p:history:B", "p:meta:B"],
                                 ["p:pub:A", b"1", "100", "600", "p:pub:B", b"2", "100", "600"])
-    link.pending[0].callback(["1-0", "e", "1-1", "e"])
-    link.pending[1].callback(["2-0", "e"])
+    link.pending[0].callback(["1-0", "e", 1, "1-1", "e", 1])
+    link.pending[1].callback(["2-0", "e", 1])
     link.pending[2].callback(1)
-    link.pending[3].callback(["3-0", "e"])
-    assert results(d) == [Position("1-0", "e"), Position("1-1", "e"), Position("2-0", "e"), None,
-                          Position("3-0", "e")]
+    link.pending[3].callback(["3-0", "e", 1])
+    assert results(d) == [at("1-0", seq=1), at("1-1", seq=1), at("2-0", seq=1), None, at("3-0", seq=1)]
 
 
 def test_publish_of_nothing_is_an_empty_list():
@@ -108,7 +116,7 @@ def test_publish_of_nothing_is_an_empty_list():
 def test_a_failed_publish_fails_the_call_with_the_redis_error():
     link, history = make_history()
     d = history.publish([("A", b"1"), ("ticks.x", b"2"), ("B", b"3")])
-    link.pending[0].callback(["1-0", "e"])
+    link.pending[0].callback(["1-0", "e", 1])
     link.pending[2].errback(TimeoutError("redis: EVAL got no answer"))
     with pytest.raises(TimeoutError, match="EVAL got no answer"):
         results(d)
@@ -124,130 +132,179 @@ def recover(history, link, since, reply):
 
 def test_recover_asks_from_since_inclusive_for_two_more_than_the_limit():
     link, history = make_history(replay_limit=3)
-    history.recover("A", Position("5-0", "e"))
-    assert link.calls == [("eval", (RECOVER_SCRIPT, ["p:history:A", "p:epoch:A"], ["5-0", "5"]))]
+    history.recover("A", OffsetSince("5-0", "e"))
+    assert link.calls == [("eval", (RECOVER_SCRIPT, ["p:history:A", "p:meta:A"], ["5-0", "5"]))]
 
 
 @pytest.mark.parametrize("encoding", [None, "bytes"])
 def test_a_good_replay_is_the_entries_after_since(encoding):
     link, history = make_history()
     epoch = b"e" if encoding else "e"
-    reply = [epoch, entries("5-0", "6-0", "10-0", encoding=encoding)]
-    assert recover(history, link, Position("5-0", "e"), reply) == Replay("e", (("6-0", b"m6-0"), ("10-0", b"m10-0")))
+    reply = [epoch, entries("5-0", "6-0", "10-0", encoding=encoding, seqs=[4, 5, 6])]
+    assert recover(history, link, OffsetSince("5-0", "e"), reply) == Replay(
+        "e", ((at("6-0", seq=5), b"m6-0"), (at("10-0", seq=6), b"m10-0")), 6)
 
 
 def test_nothing_missed_is_an_empty_replay():
     link, history = make_history()
-    assert recover(history, link, Position("5-0", "e"), ["e", entries("5-0")]) == Replay("e", ())
+    assert recover(history, link, OffsetSince("5-0", "e"), ["e", entries("5-0", seqs=[7])]) == Replay("e", (), 7)
 
 
 def test_exactly_the_limit_is_replayed_one_more_fails():
     link, history = make_history(replay_limit=3)
-    got = recover(history, link, Position("1-0", "e"), ["e", entries("1-0", "2-0", "3-0", "4-0")])
+    got = recover(history, link, OffsetSince("1-0", "e"), ["e", entries("1-0", "2-0", "3-0", "4-0")])
     assert isinstance(got, Replay) and len(got.entries) == 3
-    got = recover(history, link, Position("1-0", "e"), ["e", entries("1-0", "2-0", "3-0", "4-0", "5-0")])
+    got = recover(history, link, OffsetSince("1-0", "e"), ["e", entries("1-0", "2-0", "3-0", "4-0", "5-0")])
     assert got == RecoveryFailed("more than 3 messages missed")
 
 
 def test_an_epoch_mismatch_fails():
     link, history = make_history()
-    got = recover(history, link, Position("5-0", "old"), ["new", entries("5-0", "6-0")])
+    got = recover(history, link, OffsetSince("5-0", "old"), ["new", entries("5-0", "6-0")])
     assert got == RecoveryFailed("history epoch changed (Redis lost it)")
 
 
 def test_a_missing_epoch_fails():
     link, history = make_history()
-    got = recover(history, link, Position("5-0", "e"), [None, []])
+    got = recover(history, link, OffsetSince("5-0", "e"), [None, []])
     assert isinstance(got, RecoveryFailed) and "no longer reaches back to 5-0" in got.reason
 
 
 @pytest.mark.parametrize("found", [[], entries("6-0", "7-0")])
 def test_when_since_itself_is_gone_the_history_no_longer_reaches_back(found):
     link, history = make_history()
-    got = recover(history, link, Position("5-0", "e"), ["e", found])
+    got = recover(history, link, OffsetSince("5-0", "e"), ["e", found])
     assert got == RecoveryFailed("history no longer reaches back to 5-0")
 
 
 def test_a_topic_without_history_or_a_bad_offset_fails_without_asking_redis():
     link, history = make_history()
-    got = results(history.recover("ticks.x", Position("5-0", "e")))
+    got = results(history.recover("ticks.x", OffsetSince("5-0", "e")))
     assert got == RecoveryFailed("topic 'ticks.x' keeps no history")
-    got = results(history.recover("A", Position("five", "e")))
+    got = results(history.recover("A", OffsetSince("five", "e")))
     assert got == RecoveryFailed("'five' is not a stream offset")
     assert link.calls == []
+
+
+# -- recovery by message number (Centrifugo's offsets) -------------------------------------------------------
+
+def newest_first(*rows):
+    return list(reversed(rows))
+
+
+def test_recover_by_number_asks_for_what_was_missed_with_the_ttl_of_the_topic():
+    link, history = make_history(replay_limit=3)
+    history.recover("A", SeqSince(5, "e"))
+    assert link.calls == [("eval", (RECOVER_SEQ_SCRIPT, ["p:history:A", "p:meta:A"], ["5", "3", "600"]))]
+
+
+def test_recover_by_number_replays_the_numbers_after_the_clients_in_order():
+    link, history = make_history()
+    reply = ["e", 7, newest_first(*entries("6-0", "7-0", seqs=[6, 7]))]
+    assert recover(history, link, SeqSince(5, "e"), reply) == Replay(
+        "e", ((at("6-0", seq=6), b"m6-0"), (at("7-0", seq=7), b"m7-0")), 7)
+
+
+def test_recover_by_number_with_nothing_missed():
+    link, history = make_history()
+    assert recover(history, link, SeqSince(7, "e"), ["e", 7, []]) == Replay("e", (), 7)
+
+
+def test_recover_by_number_fails_with_the_current_position():
+    link, history = make_history(replay_limit=3)
+    top = StreamTop("e", 9)
+    assert recover(history, link, SeqSince(5, "e"), ["e", 9, []]) == RecoveryFailed("more than 3 messages missed", top)
+    assert recover(history, link, SeqSince(5, "old"), ["e", 9, []]) == RecoveryFailed(
+        "history epoch changed (Redis lost it)", top)
+    assert recover(history, link, SeqSince(12, "e"), ["e", 9, []]) == RecoveryFailed(
+        "position 12 is ahead of the history (9)", top)
+
+
+def test_recover_by_number_fails_when_the_stream_lost_entries():
+    # The numbers live in the meta hash, so an evicted or trimmed stream shows as missing entries.
+    link, history = make_history()
+    got = recover(history, link, SeqSince(5, "e"), ["e", 7, newest_first(*entries("7-0", seqs=[7]))])
+    assert got == RecoveryFailed("history no longer reaches back to 5", StreamTop("e", 7))
+
+
+def test_an_empty_epoch_recovers_from_any_epoch():
+    link, history = make_history()
+    got = recover(history, link, SeqSince(0, ""), ["e", 1, entries("1-0", seqs=[1])])
+    assert got == Replay("e", ((at("1-0", seq=1), b"m1-0"),), 1)
 
 
 # -- merged reads -------------------------------------------------------------------------------------------
 
 def test_identical_reads_in_flight_share_one_call_each_judged_by_its_own_epoch():
     link, history = make_history()
-    ds = [history.recover("A", Position("5-0", epoch)) for epoch in ("e", "e", "old")]
+    ds = [history.recover("A", OffsetSince("5-0", epoch)) for epoch in ("e", "e", "old")]
     assert len(link.calls) == 1
     link.answer(["e", entries("5-0", "6-0")])
-    assert [results(d) for d in ds] == [Replay("e", (("6-0", b"m6-0"),)), Replay("e", (("6-0", b"m6-0"),)),
-                                        RecoveryFailed("history epoch changed (Redis lost it)")]
+    replay = Replay("e", ((at("6-0", seq=2), b"m6-0"),), 2)
+    assert [results(d) for d in ds] == [replay, replay, RecoveryFailed("history epoch changed (Redis lost it)")]
     assert (history.reads, history.merged_reads) == (1, 2)
 
 
 def test_reads_of_other_offsets_or_topics_are_separate_calls():
     link, history = make_history()
-    history.recover("A", Position("5-0", "e"))
-    history.recover("A", Position("6-0", "e"))
-    history.recover("B", Position("5-0", "e"))
-    assert [c[1][2][0] for c in link.calls] == ["5-0", "6-0", "5-0"]
-    assert [c[1][1][0] for c in link.calls] == ["p:history:A", "p:history:A", "p:history:B"]
+    history.recover("A", OffsetSince("5-0", "e"))
+    history.recover("A", OffsetSince("6-0", "e"))
+    history.recover("B", OffsetSince("5-0", "e"))
+    history.recover("A", SeqSince(5, "e"))
+    assert [c[1][2][0] for c in link.calls] == ["5-0", "6-0", "5-0", "5"]
+    assert [c[1][1][0] for c in link.calls] == ["p:history:A", "p:history:A", "p:history:B", "p:history:A"]
 
 
 def test_a_read_after_the_first_finished_is_a_new_call():
     link, history = make_history()
-    first = history.recover("A", Position("5-0", "e"))
+    first = history.recover("A", OffsetSince("5-0", "e"))
     link.answer(["e", entries("5-0")])
-    assert results(first) == Replay("e", ())
-    second = history.recover("A", Position("5-0", "e"))
+    assert results(first) == Replay("e", (), 1)
+    second = history.recover("A", OffsetSince("5-0", "e"))
     assert len(link.calls) == 2
     link.answer(["e", entries("5-0", "6-0")])
-    assert results(second) == Replay("e", (("6-0", b"m6-0"),))
+    assert results(second) == Replay("e", ((at("6-0", seq=2), b"m6-0"),), 2)
 
 
 def test_a_caller_asking_again_from_its_callback_starts_a_new_read():
     link, history = make_history()
     again = []
-    history.recover("A", Position("5-0", "e")).addCallback(
-        lambda _: again.append(history.recover("A", Position("5-0", "e"))))
+    history.recover("A", OffsetSince("5-0", "e")).addCallback(
+        lambda _: again.append(history.recover("A", OffsetSince("5-0", "e"))))
     link.answer(["e", entries("5-0")])
     assert len(link.calls) == 2 and not again[0].called
 
 
 def test_a_failing_read_errbacks_every_merged_caller():
     link, history = make_history()
-    ds = [history.recover("A", Position("5-0", "e")) for _ in range(3)]
+    ds = [history.recover("A", OffsetSince("5-0", "e")) for _ in range(3)]
     link.pending.pop().errback(ConnectionError("lost"))
     for d in ds:
         with pytest.raises(ConnectionError, match="lost"):
             results(d)
-    d = history.recover("A", Position("5-0", "e"))
+    d = history.recover("A", OffsetSince("5-0", "e"))
     assert len(link.calls) == 2 and not d.called
 
 
 def test_an_unreadable_reply_errbacks_instead_of_hanging():
     link, history = make_history()
-    d = history.recover("A", Position("5-0", "e"))
+    d = history.recover("A", OffsetSince("5-0", "e"))
     link.answer("not a reply")
     with pytest.raises(ValueError):
         results(d)
 
 
-# -- latest -------------------------------------------------------------------------------------------------
+# -- latest and top -----------------------------------------------------------------------------------------
 
 def test_latest_is_the_newest_entry_with_its_position():
     link, history = make_history()
     d = history.latest("A")
-    assert link.calls == [("eval", (LATEST_SCRIPT, ["p:history:A", "p:epoch:A"], []))]
-    link.answer([b"e", entries("9-3", encoding="bytes")])
-    assert results(d) == (Position("9-3", "e"), b"m9-3")
+    assert link.calls == [("eval", (TOP_SCRIPT, ["p:history:A", "p:meta:A"], ["0"]))]
+    link.answer([b"e", 4, entries("9-3", encoding="bytes", seqs=[4])])
+    assert results(d) == (at("9-3", seq=4), b"m9-3")
 
 
-@pytest.mark.parametrize("reply", [[None, []], ["e", []], [None, entries("1-0")]])
+@pytest.mark.parametrize("reply", [[None, 0, []], ["e", 0, []], [None, 0, entries("1-0")]])
 def test_latest_of_an_empty_or_lost_history_is_none(reply):
     link, history = make_history()
     d = history.latest("A")
@@ -258,6 +315,7 @@ def test_latest_of_an_empty_or_lost_history_is_none(reply):
 def test_latest_of_a_topic_without_history_is_none_without_asking_redis():
     link, history = make_history()
     assert results(history.latest("ticks.x")) is None
+    assert results(history.top("ticks.x")) is None
     assert link.calls == []
 
 
@@ -266,8 +324,8 @@ def test_identical_latest_reads_in_flight_share_one_call():
     ds = [history.latest("A") for _ in range(3)]
     other = history.latest("B")
     assert len(link.calls) == 2
-    link.answer(["e", entries("2-0")], ["e", []])
-    assert [results(d) for d in ds] == [(Position("2-0", "e"), b"m2-0")] * 3
+    link.answer(["e", 1, entries("2-0")], ["e", 0, []])
+    assert [results(d) for d in ds] == [(at("2-0", seq=1), b"m2-0")] * 3
     assert results(other) is None
     history.latest("A")
     assert len(link.calls) == 3
@@ -285,8 +343,47 @@ def test_a_failing_latest_read_errbacks_every_merged_caller():
 def test_a_payload_the_link_decoded_comes_back_as_the_same_bytes():
     link, history = make_history()
     d = history.latest("A")
-    link.answer(["e", [["1-0", ["d", "caf\u00e9"]]]])
-    assert results(d) == (Position("1-0", "e"), "caf\u00e9".encode())
+    link.answer(["e", 1, [["1-0", ["d", "caf\u00e9", "n", "1"]]]])
+    assert results(d) == (at("1-0", seq=1), "caf\u00e9".encode())
+
+
+def test_top_starts_an_epoch_with_the_topics_ttl_and_names_the_newest_entry():
+    link, history = make_history()
+    d = history.top("A")
+    assert link.calls == [("eval", (TOP_SCRIPT, ["p:history:A", "p:meta:A"], ["600"]))]
+    link.answer(["e", 4, entries("9-3", seqs=[4])])
+    assert results(d) == StreamTop("e", 4, "9-3")
+    d = history.top("A")
+    link.answer(["fresh", 0, []])
+    assert results(d) == StreamTop("fresh", 0, "0-0")
+
+
+# -- pages (Centrifugo's history command) --------------------------------------------------------------------
+
+def test_a_page_asks_for_the_limit_the_direction_and_the_start():
+    link, history = make_history()
+    history.page("A", 10, None, False)
+    history.page("A", 5, SeqSince(3, "e"), True)
+    assert link.calls == [("eval", (PAGE_SCRIPT, ["p:history:A", "p:meta:A"], ["10", "0", "-1"])),
+                          ("eval", (PAGE_SCRIPT, ["p:history:A", "p:meta:A"], ["5", "1", "3"]))]
+
+
+def test_a_page_is_the_entries_with_where_history_stands():
+    link, history = make_history()
+    d = history.page("A", 2, SeqSince(3, "e"), False)
+    link.answer(["e", 9, entries("4-0", "5-0", seqs=[4, 5])])
+    assert results(d) == (StreamTop("e", 9), [(at("4-0", seq=4), b"m4-0"), (at("5-0", seq=5), b"m5-0")])
+
+
+def test_a_page_after_a_position_history_no_longer_has_fails():
+    link, history = make_history()
+    d = history.page("A", 2, SeqSince(3, "e"), False)
+    link.answer(["e", 9, entries("6-0", seqs=[6])])
+    assert results(d) == RecoveryFailed("history no longer reaches back to 3", StreamTop("e", 9))
+    d = history.page("A", 2, SeqSince(3, "old"), False)
+    link.answer(["e", 9, []])
+    assert results(d) == RecoveryFailed("history epoch changed (Redis lost it)", StreamTop("e", 9))
+    assert results(history.page("ticks.x", 2, None, False)) == RecoveryFailed("topic 'ticks.x' keeps no history")
 
 
 # -- policies -----------------------------------------------------------------------------------------------
@@ -332,22 +429,29 @@ def test_a_bad_default_is_an_error_too():
 
 def test_keys():
     keys = HistoryKeys("p:")
-    assert (keys.stream("A"), keys.epoch("A"), keys.channel("A")) == ("p:history:A", "p:epoch:A", "p:pub:A")
+    assert (keys.stream("A"), keys.meta("A"), keys.channel("A")) == ("p:history:A", "p:meta:A", "p:pub:A")
 
 
 # -- envelopes ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("payload", [b"", b"{}", b"\xff\n\nlines", b"1-0 e\nnested"])
+@pytest.mark.parametrize("payload", [b"", b"{}", b"\xff\n\nlines", b"1-0 e 5\nnested"])
 def test_envelope_round_trip(payload):
-    message = encode_envelope("1700000000000-3", "1700000000123456", payload)
-    assert message == b"1700000000000-3 1700000000123456\n" + payload
-    assert parse_envelope(message) == ("1700000000000-3", "1700000000123456", payload)
+    position = Position("1700000000000-3", "1700000000123456", 42)
+    message = encode_envelope(position, payload)
+    assert message == b"1700000000000-3 1700000000123456 42\n" + payload
+    assert parse_envelope(message) == (position, payload)
+
+
+def test_an_envelope_without_a_number_is_number_0():
+    assert parse_envelope(b"1-0 e\nx") == (Position("1-0", "e", 0), b"x")
+    assert parse_envelope(b"1-0 1700000000123456\nx") == (Position("1-0", "1700000000123456", 0), b"x")
 
 
 @pytest.mark.parametrize("message", [
     b"", b"no newline", b"1-0 e", b"\n", b"1-0\npayload", b"1-0 \npayload", b" 1-0 e\n", b"1-0  e\n",
     b"1 e\n", b"x-0 e\n", b"-1-0 e\n", b"1-0 e e\n", b"1-0 \xff\n", b"18446744073709551616-0 e\n",
-    b"0-18446744073709551616 e\n", b"1-0\te\n", b'{"plain": "json"}',
+    b"0-18446744073709551616 e\n", b"1-0\te\n", b'{"plain": "json"}', b"1-0 e 5 6\n", b"1-0 e -5\n",
+    b"1-0 e 5 \n",
 ])
 def test_malformed_envelopes_are_none(message):
     assert parse_envelope(message) is None
@@ -355,4 +459,4 @@ def test_malformed_envelopes_are_none(message):
 
 def test_the_largest_offset_is_an_envelope():
     assert parse_envelope(b"18446744073709551615-18446744073709551615 e\nx") == (
-        "18446744073709551615-18446744073709551615", "e", b"x")
+        Position("18446744073709551615-18446744073709551615", "e"), b"x")

@@ -1,8 +1,14 @@
 """The in-memory index and the fan-out: one frame per message, written to every subscriber."""
 
-from pushd.hub import Hub, frame_bytes
+from pushd.hub import Hub
 from pushd.testing import FakeSubscriber as FakeConn
 from pushd.testing import RecordingObserver
+from pushd.ws import NATIVE
+
+
+def frame_bytes(topic, payload, position=None):
+    """The frame pushd's own protocol sends over WebSocket for one published message."""
+    return NATIVE.publication(topic, payload, position)
 
 
 def test_index_changes_are_reported_in_order():
@@ -110,7 +116,7 @@ def test_snapshot_lists_every_connection_with_its_topics():
     hub.add(a)
     hub.add(b)
     hub.subscribe(a, ["X"])
-    assert dict(hub.snapshot()) == {"n:a": ("X",), "n:b": ()}
+    assert {conn_id: topics for conn_id, topics, _ in hub.snapshot()} == {"n:a": ("X",), "n:b": ()}
 
 
 # -- holds (recovery), patterns, users ------------------------------------------------------------------------
@@ -130,7 +136,7 @@ def test_a_held_subscription_keeps_live_messages_until_released():
     hub.publish("X", b"2")
     assert a.written == [] and len(b.written) == 2
     held = hub.release(a, "X")
-    assert held == [("5-0", frame_bytes("X", b"1", Position("5-0", "e"))), (None, frame_bytes("X", b"2"))]
+    assert held == [(Position("5-0", "e"), frame_bytes("X", b"1", Position("5-0", "e"))), (None, frame_bytes("X", b"2"))]
     hub.publish("X", b"3")
     assert a.written == [frame_bytes("X", b"3")]
     assert hub.release(a, "X") is None

@@ -7,10 +7,11 @@ from pushd.auth import TokenVerifier
 from pushd.cluster import encode_control
 from pushd.config import build_config
 from pushd.hooks import Hooks
+from pushd.recovery import Position
 from pushd.redis.history import encode_envelope
 from pushd.service import PushdService
+from pushd.session import AuthPolicy
 from pushd.testing import OP_CLOSE, MemoryNode
-from pushd.ws import AuthPolicy
 
 SECRET = "a-test-secret-of-32-bytes-length"
 
@@ -41,7 +42,7 @@ def test_history_envelopes_become_data_frames_with_their_position_and_bad_ones_a
     node, service = node_and_service()
     client = node.connect()
     client.request({"op": "subscribe", "topics": ["A"]})
-    service.published_with_history("A", encode_envelope("7-0", "e1", b'{"p":1}'))
+    service.published_with_history("A", encode_envelope(Position("7-0", "e1", 3), b'{"p":1}'))
     service.published_with_history("A", b"no newline here")
     assert client.messages() == [{"topic": "A", "data": {"p": 1}, "offset": "7-0", "epoch": "e1"}]
     assert service.dropped_messages == 1

@@ -52,10 +52,11 @@ def make_state(snapshot=()):
 
 
 def test_start_purges_own_state_writes_snapshot_and_registers():
-    _clock, link, state = make_state(snapshot=[("node-a:1", ("A", "B")), ("node-a:2", ())])
+    _clock, link, state = make_state(snapshot=[("node-a:1", ("A", "B"), "alice"), ("node-a:2", (), None)])
     state.start()
     assert link.purges() == [["p:", "node-a", "500", "own"]]
-    assert link.applied() == [[["o", "node-a:1"], ["s", "node-a:1", ["A", "B"]], ["o", "node-a:2"]]]
+    assert link.applied() == [[["o", "node-a:1"], ["i", "node-a:1", "alice"], ["s", "node-a:1", ["A", "B"]],
+                               ["o", "node-a:2"]]]
     methods = [c[0] for c in link.calls]
     assert methods[-3:] == ["set", "sadd", "smembers"]
     set_call = next(c for c in link.calls if c[0] == "set")
@@ -105,7 +106,7 @@ def test_a_failed_write_goes_offline_and_the_next_heartbeat_rewrites_from_the_in
     clock = Clock()
     link = FakeLink()
     state = NodeState(clock, link, Keys("p:"), "node-a", heartbeat_interval=5, heartbeat_ttl=15,
-                      snapshot=lambda: list(index.items()))
+                      snapshot=lambda: [(conn, topics, None) for conn, topics in index.items()])
     state.start()
     link.fail_with = TimeoutError("redis: EVAL got no answer")
     state.subscribed("node-a:1", ("B",))
@@ -128,7 +129,7 @@ def test_changes_during_a_rewrite_are_applied_after_the_snapshot():
     clock = Clock()
     link = FakeLink()
     state = NodeState(clock, link, Keys("p:"), "node-a", heartbeat_interval=5, heartbeat_ttl=15,
-                      snapshot=lambda: list(index.items()))
+                      snapshot=lambda: [(conn, topics, None) for conn, topics in index.items()])
     link.hold = True
     done = state.resync()
     state.opened("node-a:0")  # before the snapshot: the snapshot carries it
@@ -151,7 +152,7 @@ def test_concurrent_resyncs_share_one_rewrite():
 
 
 def test_connection_lost_then_ready_rewrites_at_once():
-    clock, link, state = make_state(snapshot=[("node-a:1", ("A",))])
+    clock, link, state = make_state(snapshot=[("node-a:1", ("A",), None)])
     state.start()
     state.connection_lost()
     state.subscribed("node-a:1", ("B",))

@@ -165,7 +165,7 @@ def test_missed_pongs_drop_the_connection():
                 lively.send_frame(0xA, frame.payload)
     assert node.hub.pruned["ping_timeout"] == 1
     assert silent.transport.disconnecting
-    assert node.hub.connection(lively.conn_id) is lively.protocol
+    assert node.hub.connection(lively.conn_id) is lively.session
 
 
 def test_peer_vanishing_removes_it_and_reports_to_the_observer():
@@ -216,8 +216,7 @@ def test_commands_wait_for_a_pending_authorization_and_keep_their_order():
             pending.append((d, f, args))
             return d
 
-    node = MemoryNode(hooks=Hooks(authorize=lambda request, topic: True))
-    node.factory.tasks = ManualTasks()
+    node = MemoryNode(hooks=Hooks(authorize=lambda request, topic: True), tasks=ManualTasks())
     client = node.connect()
     client.send({"op": "subscribe", "topics": ["A"], "id": 1})
     client.send({"op": "unsubscribe", "topics": ["A"], "id": 2})
@@ -238,8 +237,7 @@ def test_authorization_that_finishes_after_close_subscribes_nothing():
             pending.append((d, f, args))
             return d
 
-    node = MemoryNode(hooks=Hooks(authorize=lambda request, topic: True))
-    node.factory.tasks = ManualTasks()
+    node = MemoryNode(hooks=Hooks(authorize=lambda request, topic: True), tasks=ManualTasks())
     client = node.connect()
     client.send({"op": "subscribe", "topics": ["A"]})
     client.disconnect()

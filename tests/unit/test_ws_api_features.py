@@ -6,12 +6,12 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 
 from pushd.auth import Permissions, TokenVerifier
-from pushd.hub import text_frame
-from pushd.protocol import Limits, encode_broadcast
-from pushd.recovery import Position
+from pushd.protocol import Limits
+from pushd.recovery import OffsetSince, Position
 from pushd.redis.history import RecoveryFailed, Replay
+from pushd.session import AuthPolicy
 from pushd.testing import OP_CLOSE, MemoryNode
-from pushd.ws import AuthPolicy
+from pushd.ws import NATIVE
 
 SECRET = "a-test-secret-of-32-bytes-length"
 
@@ -36,7 +36,7 @@ def test_token_in_the_url_identifies_the_user():
     node = node_with("required")
     client = node.connect(f"/ws?token={token()}")
     assert client.status == 101
-    assert node.hub.user_connections("alice") == (client.protocol,)
+    assert node.hub.user_connections("alice") == (client.session,)
     assert client.request({"op": "subscribe", "topics": ["A"]}) == [{"op": "subscribed", "topics": ["A"]}]
 
 
@@ -127,6 +127,9 @@ class FakeHistory:
     def __init__(self):
         self.reads = []
 
+    def keeps_history(self, topic):
+        return True
+
     def recover(self, topic, since):
         d = defer.Deferred()
         self.reads.append(("recover", topic, since, d))
@@ -153,12 +156,12 @@ def test_since_replays_then_continues_live_without_gap_or_duplicate():
                             "since": {"A": {"offset": "10-0", "epoch": "E"}}})
     assert reply == [{"op": "subscribed", "topics": ["A"], "id": 1}]
     [(kind, topic, since, d)] = history.reads
-    assert (kind, topic, since) == ("recover", "A", Position("10-0", "E"))
+    assert (kind, topic, since) == ("recover", "A", OffsetSince("10-0", "E"))
     # Published while the history is being read: 12 is also in the replay, 13 is not.
     node.publish("A", b"12", Position("12-0", "E"))
     node.publish("A", b"13", Position("13-0", "E"))
     assert client.messages() == []
-    d.callback(Replay("E", (("11-0", b"11"), ("12-0", b"12"))))
+    d.callback(Replay("E", ((Position("11-0", "E"), b"11"), (Position("12-0", "E"), b"12"))))
     assert client.messages() == [data("A", 11, "11-0"), data("A", 12, "12-0"), data("A", 13, "13-0")]
     node.publish("A", b"14", Position("14-0", "E"))
     assert client.messages() == [data("A", 14, "14-0")]
@@ -230,7 +233,7 @@ def test_broadcast_frame_reaches_a_connection_without_subscriptions():
     node = MemoryNode()
     client = node.connect()
     for conn in node.hub.broadcast_targets():
-        conn.write(text_frame(encode_broadcast("b1", b'{"m":1}')))
+        conn.write(NATIVE.broadcast("b1", b'{"m":1}'))
     assert client.messages() == [{"op": "broadcast", "broadcast": "b1", "data": {"m": 1}}]
 
 
@@ -250,6 +253,6 @@ def test_recovery_seam_property_neither_lost_nor_doubled(total, data):
     client.request({"op": "subscribe", "topics": ["A"], "since": since})
     for n in range(live_from, total + 1):
         node.publish("A", str(n).encode(), Position(f"{n}-0", "E"))
-    history.reads[0][3].callback(Replay("E", tuple((f"{n}-0", str(n).encode())
+    history.reads[0][3].callback(Replay("E", tuple((Position(f"{n}-0", "E"), str(n).encode())
                                                    for n in range(seen + 1, read_upto + 1))))
     assert [m["data"] for m in client.messages()] == list(range(seen + 1, total + 1))

@@ -1,4 +1,4 @@
-"""The wire protocol's parsing and encoding rules (docs/protocol.md)."""
+"""pushd's own wire protocol: its parsing and encoding rules (docs/protocol.md)."""
 
 import json
 
@@ -8,12 +8,13 @@ from hypothesis import strategies as st
 
 from pushd import protocol
 from pushd.protocol import Error, ErrorCode, Limits, Ping, Subscribe, Unsubscribe
+from pushd.wire import native
 
 LIMITS = Limits(max_topic_length=16, max_topics_per_connection=3)
 
 
 def parse(frame):
-    return protocol.parse_command(frame if isinstance(frame, str) else json.dumps(frame), LIMITS)
+    return native.parse_command(frame if isinstance(frame, str) else json.dumps(frame), LIMITS)
 
 
 def test_subscribe_unsubscribe_ping_with_and_without_id():
@@ -58,14 +59,14 @@ def test_bad_frames_are_errors_not_exceptions(frame, code):
 def test_error_echoes_a_valid_id():
     result = parse({"op": "nope", "id": 3})
     assert isinstance(result, Error) and result.id == 3
-    assert json.loads(protocol.encode_error(result)) == {
+    assert json.loads(native.encode_error(result)) == {
         "op": "error", "code": "unknown_op", "message": result.message, "id": 3}
 
 
 def test_replies():
-    assert json.loads(protocol.encode_subscribed(("A",), 1)) == {"op": "subscribed", "topics": ["A"], "id": 1}
-    assert json.loads(protocol.encode_unsubscribed(("A",), None)) == {"op": "unsubscribed", "topics": ["A"]}
-    assert json.loads(protocol.encode_pong("x")) == {"op": "pong", "id": "x"}
+    assert json.loads(native.encode_subscribed(("A",), 1)) == {"op": "subscribed", "topics": ["A"], "id": 1}
+    assert json.loads(native.encode_unsubscribed(("A",), None)) == {"op": "unsubscribed", "topics": ["A"]}
+    assert json.loads(native.encode_pong("x")) == {"op": "pong", "id": "x"}
 
 
 @pytest.mark.parametrize("payload, data", [
@@ -80,25 +81,25 @@ def test_replies():
     (b"\xff\xfe", "\ufffd\ufffd"),
 ])
 def test_data_frame_carries_json_as_published_else_a_string(payload, data):
-    frame = json.loads(protocol.encode_data("AAPL", payload))
+    frame = json.loads(native.encode_data("AAPL", payload))
     assert frame == {"topic": "AAPL", "data": data}
 
 
 def test_valid_json_is_passed_through_byte_for_byte():
     payload = b'{"b": 1,   "a": [1.50, "\\u00e9"]}'
-    assert protocol.encode_data("T", payload) == b'{"topic":"T","data":' + payload + b"}"
+    assert native.encode_data("T", payload) == b'{"topic":"T","data":' + payload + b"}"
 
 
 @given(st.binary(max_size=200))
 def test_any_published_bytes_make_a_valid_utf8_json_frame(payload):
-    frame = protocol.encode_data("T", payload)
+    frame = native.encode_data("T", payload)
     decoded = json.loads(frame.decode("utf-8"))
     assert decoded["topic"] == "T"
 
 
 @given(st.text(max_size=300))
 def test_any_client_text_parses_to_a_command_or_an_error(text):
-    result = protocol.parse_command(text, LIMITS)
+    result = native.parse_command(text, LIMITS)
     assert isinstance(result, (Subscribe, Unsubscribe, Ping, Error))
 
 
@@ -124,16 +125,16 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
                                        "id": json_values}))
 def test_any_shaped_frame_is_a_command_or_an_error(frame):
     for limits in (LIMITS, Limits(max_topic_length=16, max_topics_per_connection=3, allow_patterns=True)):
-        result = protocol.parse_command(json.dumps(frame), limits)
+        result = native.parse_command(json.dumps(frame), limits)
         assert isinstance(result, (Subscribe, Unsubscribe, Ping, protocol.Auth, Error))
 
 
 def test_subscribe_options_last_and_since():
-    from pushd.recovery import Position
+    from pushd.recovery import OffsetSince
 
     assert parse({"op": "subscribe", "topics": ["A"], "last": True}) == Subscribe(("A",), None, True)
     since = {"A": {"offset": "17-0", "epoch": "e1"}}
-    assert parse({"op": "subscribe", "topics": ["A", "B"], "since": since}).since == {"A": Position("17-0", "e1")}
+    assert parse({"op": "subscribe", "topics": ["A", "B"], "since": since}).since == {"A": OffsetSince("17-0", "e1")}
 
 
 @pytest.mark.parametrize("frame, start", [
@@ -155,21 +156,21 @@ def test_bad_options_are_bad_requests_that_say_why(frame, start):
 
 def test_patterns_only_when_allowed_and_never_with_last_or_since():
     allowed = Limits(max_topic_length=16, max_topics_per_connection=3, allow_patterns=True)
-    assert protocol.parse_command('{"op":"subscribe","topics":["sh600*"]}', allowed) == Subscribe(("sh600*",))
+    assert native.parse_command('{"op":"subscribe","topics":["sh600*"]}', allowed) == Subscribe(("sh600*",))
     assert parse({"op": "subscribe", "topics": ["sh600*"]}).code == ErrorCode.INVALID_TOPIC
-    bad = protocol.parse_command('{"op":"subscribe","topics":["sh[6]*"]}', allowed)
+    bad = native.parse_command('{"op":"subscribe","topics":["sh[6]*"]}', allowed)
     assert isinstance(bad, Error) and bad.code == ErrorCode.INVALID_TOPIC
-    mixed = protocol.parse_command('{"op":"subscribe","topics":["sh*"],"last":true}', allowed)
+    mixed = native.parse_command('{"op":"subscribe","topics":["sh*"],"last":true}', allowed)
     assert isinstance(mixed, Error) and mixed.topics == ("sh*",)
 
 
 def test_data_frames_with_a_position_and_the_new_server_frames():
     from pushd.recovery import Position
 
-    assert json.loads(protocol.encode_data("A", b"1", Position("5-0", "e"))) == {
+    assert json.loads(native.encode_data("A", b"1", Position("5-0", "e"))) == {
         "topic": "A", "data": 1, "offset": "5-0", "epoch": "e"}
-    assert json.loads(protocol.encode_message(b"hi")) == {"op": "message", "data": "hi"}
-    assert json.loads(protocol.encode_broadcast('b"1', b"[1]")) == {"op": "broadcast", "broadcast": 'b"1', "data": [1]}
-    assert json.loads(protocol.encode_refresh()) == {"op": "refresh"}
-    assert json.loads(protocol.encode_authenticated("u", 12.7, 3)) == {
+    assert json.loads(native.encode_message(b"hi")) == {"op": "message", "data": "hi"}
+    assert json.loads(native.encode_broadcast('b"1', b"[1]")) == {"op": "broadcast", "broadcast": 'b"1', "data": [1]}
+    assert json.loads(native.encode_refresh()) == {"op": "refresh"}
+    assert json.loads(native.encode_authenticated("u", 12.7, 3)) == {
         "op": "authenticated", "user": "u", "expires": 12, "id": 3}
