@@ -1,7 +1,9 @@
-"""The `pushd` command: `pushd stats` and `pushd publish TOPIC JSON`, talking to the server's own Redis.
+"""The `pushctl` command: `pushctl stats` and `pushctl publish TOPIC JSON`, talking to the server's own Redis.
 
 With no Redis configured, the running server's Redis is found through the runtime file it writes beside its
-pidfile, so `twistd -n pushd` in one terminal and `pushd publish AAPL '{"price":1}'` in another just work.
+pidfile, so `twistd -n pushd` in one terminal and `pushctl publish AAPL '{"price":1}'` in another just work.
+The command is not called `pushd` because bash and zsh have a `pushd` builtin that a program of that name can
+never override; `python -m pushd` runs the same commands.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.python import usage
 
-from pushd import protocol
+from pushd import __version__, protocol
 from pushd.config import ConfigError, build_config
 from pushd.redis.client import RedisLink
 from pushd.redis.history import History, HistoryKeys, HistoryPolicies
@@ -24,12 +26,23 @@ from pushd.redis.state import Keys
 from pushd.redis.target import RedisTarget, parse_redis_url
 from pushd.service import runtime_dir
 
+#: The name the messages use: the console script's, also when run as `python -m pushd`.
+COMMAND = "pushctl"
+
 
 class CommandError(Exception):
     """A one-line error for the user; exit status 1."""
 
 
+def _print_version(self: usage.Options) -> None:
+    """Print pushd's version and exit."""
+    sys.stdout.write(f"{COMMAND} (pushd) {__version__}\n")
+    sys.exit(0)
+
+
 class _Common(usage.Options):
+    opt_version = _print_version
+    longdesc = ""
     optParameters = [
         ["config", "c", None, "INI file with a [pushd] section, as given to twistd pushd --config."],
         ["redis", None, None, "Redis URL; overrides the config file and the running server's runtime file."],
@@ -55,11 +68,17 @@ class StatsOptions(_Common):
 
 
 class CommandOptions(usage.Options):
-    synopsis = "pushd COMMAND [options]"
+    opt_version = _print_version
+    longdesc = ("Reads and publishes through the Redis of a running pushd node (twistd pushd). "
+                "`python -m pushd` is the same command.")
     subCommands = [
         ["publish", None, PublishOptions, "Publish DATA (JSON) to TOPIC through the server's Redis."],
         ["stats", None, StatsOptions, "Nodes, connections, topics and subscribers, read from Redis."],
     ]
+
+    def getSynopsis(self) -> str:
+        # A command's own usage line reads "Usage: pushctl publish [options] TOPIC DATA".
+        return f"Usage: {COMMAND}" if self.subCommand else f"Usage: {COMMAND} COMMAND [options]"
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -186,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     except usage.UsageError as e:
-        sys.exit(f"{options}\npushd: {e}")
+        sys.exit(f"{getattr(options, 'subOptions', options)}\n{COMMAND}: {e}")
 
     def run(reactor: Any) -> Any:
         return defer.maybeDeferred(_run, reactor, options).addErrback(_fail)
@@ -200,7 +219,7 @@ def _say(text: str) -> None:
 
 def _fail(failure: Any) -> None:
     if failure.check(CommandError):
-        sys.stderr.write(f"pushd: {failure.value}\n")
+        sys.stderr.write(f"{COMMAND}: {failure.value}\n")
     else:
-        sys.stderr.write(f"pushd: {failure.getErrorMessage()}\n")
+        sys.stderr.write(f"{COMMAND}: {failure.getErrorMessage()}\n")
     raise SystemExit(1)

@@ -230,7 +230,7 @@ class Config:
     history_ttl: int = 300
     history_rules: str = ""
     replay_limit: int = 300
-    #: Where the running server records how to reach it (`pushd publish` reads it).
+    #: Where the running server records how to reach it (`pushctl publish` reads it).
     runtime_file: str = field(default="pushd.runtime.json")
 
 

@@ -3,12 +3,11 @@
 Start-up: Redis (the embedded one if none is configured) -> remove the state of an earlier run and of dead
 nodes -> PSUBSCRIBE -> accept WebSocket connections. Shutdown runs it backwards: stop accepting, close
 clients with 1001, remove this node's state, stop Redis. A failure at start-up is one log line naming the
-setting, and the process exits with status 1.
+setting, and the process exits with status 1; a daemonized node also tells the waiting twistd (pushd/daemon.py).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from pushd.auth import Permissions, TokenVerifier
 from pushd.broadcast import NodeBroadcast
 from pushd.cluster import Cluster, parse_control
 from pushd.config import Config, ConfigError, Options, build_config
+from pushd.daemon import StartupReport
 from pushd.hooks import Hooks, load_hooks
 from pushd.hub import FrameCache, Hub
 from pushd.recovery import Position
@@ -45,7 +45,7 @@ class StartupError(Exception):
 
 
 def runtime_dir(pidfile: str | None) -> str:
-    """The runtime file lives beside the pidfile, so `pushd publish --pidfile X` finds the server of X."""
+    """The runtime file lives beside the pidfile, so `pushctl publish --pidfile X` finds the server of X."""
     return os.path.dirname(os.path.abspath(pidfile)) if pidfile else os.getcwd()
 
 
@@ -96,8 +96,9 @@ class PushdService(MultiService):
 
     def __init__(self, reactor: Any, config: Config, hooks: Hooks, listen: list[tuple[str, Any]],
                  api_listen: tuple[str, Any] | None = None, auth: AuthPolicy | None = None,
-                 history: HistoryPolicies | None = None) -> None:
+                 history: HistoryPolicies | None = None, startup: StartupReport | None = None) -> None:
         super().__init__()
+        self.startup = startup or StartupReport(None)
         self.reactor = reactor
         self.config = config
         self.hooks = hooks
@@ -127,7 +128,12 @@ class PushdService(MultiService):
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.dropped_messages = 0
 
+    def privilegedStartService(self) -> None:
+        self.startup.take_over()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self.ready.addCallback(lambda _: self.startup.succeeded())
         super().startService()
         self._starting = self._start()
         self._starting.addCallbacks(self.ready.callback, self._startup_failed)
@@ -252,8 +258,7 @@ class PushdService(MultiService):
         if self.ready.called is False:
             self.ready.errback(failure)
             self.ready.addErrback(lambda _: None)
-        # twistd has no exit status of its own: leave with 1 once it has shut down and removed its pidfile.
-        atexit.register(os._exit, 1)
+        self.startup.failed(message)
         self.reactor.callLater(0, self.reactor.stop)
 
     # -- the hot path's entry ----------------------------------------------------------------------------
@@ -370,7 +375,7 @@ def makeService(options: Options) -> PushdService:
     except (ConfigError, CertificateError) as e:
         sys.stderr.write(f"pushd: {e}\n")
         raise SystemExit(1) from None
-    return PushdService(reactor, config, hooks, listen, api, auth, history)
+    return PushdService(reactor, config, hooks, listen, api, auth, history, StartupReport(parent))
 
 
 def api_endpoint(reactor: Any, config: Config) -> tuple[str, Any] | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from pushd.config import SETTINGS
 
 TAP_CONF_HEAD = """\
-# pushd configuration: `twistd pushd --config tap.conf`.
+# pushd configuration: `twistd pushd --config tap.conf`. `pushctl publish|stats --config tap.conf` use its
+# redis, prefix and history keys too; with redis empty they find the running node through its runtime file.
 # Every key is shown with its default value; options given on the command line override this file.
 # Generated from pushd/config.py by `python -m pushd.settings_docs`; edit there, not here.
 
@@ -26,6 +27,10 @@ Every setting is a command-line option of `twistd pushd` and a key of the `[push
 given with `--config` (the repository's `tap.conf` lists them all with their defaults). Precedence: built-in
 default, then the file, then the command line. A bad value stops start-up with one line naming the setting,
 for example `pushd: max-topics: 0 is out of range (must be at least 1)`; an unknown key in the file does too.
+A node that cannot start (port in use, Redis unreachable) logs one such line and exits with status 1. In
+daemon mode (`twistd` without `-n`) the `twistd` command returns once the node is ready, with status 0, or
+once it has given up: status 1, the one line on stderr (after a port or Redis failure twistd adds two lines of
+its own, "An error has occurred: ..."), and no pidfile left behind; pushd/daemon.py says how.
 
 This page is generated from `pushd/config.py` (`python -m pushd.settings_docs`); a test keeps it current.
 

@@ -35,7 +35,7 @@ class RedisTarget:
         return f"{self.scheme}://{self.host}:{self.port}{db}"
 
     def url(self) -> str:
-        """The full URL, password included (for the runtime file that `pushd publish` reads)."""
+        """The full URL, password included (for the runtime file that `pushctl publish` reads)."""
         auth = ""
         if self.password is not None:
             auth = f"{self.username or ''}:{self.password}@"

@@ -220,6 +220,27 @@ class PushdProcess:
         self.stop()
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 20) -> None:
+    """Stop process `pid` if it runs: SIGTERM, and SIGKILL if it is still there after `timeout` seconds."""
+    if not alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> Any:
     """Poll `check` until it returns a truthy value; bounded by `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -254,8 +275,8 @@ def run_pushd(cwd: Path, *args: str, timeout: float = 60) -> subprocess.Complete
 
 
 def run_cli(cwd: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run the `pushd` console command (stats, publish)."""
-    argv = [sys.executable, "-c", "from pushd.cli import main; main()", *args]
+    """Run the `pushctl` command (stats, publish) as `python -m pushd`."""
+    argv = [sys.executable, "-m", "pushd", *args]
     return subprocess.run(argv, cwd=cwd, env=python_env(), stdin=subprocess.DEVNULL, capture_output=True, check=False,
                           text=True, timeout=timeout)
 

@@ -1,27 +1,16 @@
-"""A new user's first minutes: defaults (embedded Redis, generated certificate, wss on 8443), `pushd publish`,
-`pushd stats`, and start-up errors that are one line naming the setting."""
+"""A new user's first minutes: defaults (embedded Redis, generated certificate, wss on 8443), `pushctl publish`,
+`pushctl stats`, and start-up errors that are one line naming the setting."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import urllib.request
 
-from tests.integration.pushd_process import TWISTD, PushdProcess, eventually, python_env, run_cli, run_pushd
+from tests.integration.pushd_process import PushdProcess, alive, run_cli, run_pushd
 from tests.redis_server import free_port
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "zombie" not in f.read()
-    except FileNotFoundError:
-        return False
 
 
 def test_defaults_embedded_redis_generated_certificate_publish_and_stats(tmp_path):
@@ -110,34 +99,3 @@ def test_unreachable_redis_stops_start_up_with_one_line(tmp_path):
                        "--listen", "tcp:0:interface=127.0.0.1")
     one_error_line(result, f"pushd: redis: cannot reach redis://127.0.0.1:{port}")
     assert not os.path.exists(tmp_path / "pushd.runtime.json")
-
-
-def test_daemon_mode_with_pidfile_and_logfile(tmp_path):
-    pidfile, logfile = tmp_path / "run" / "pushd.pid", tmp_path / "pushd.log"
-    pidfile.parent.mkdir()
-    started = subprocess.run(
-        [sys.executable, "-c", TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "pushd",
-         "--listen", "tcp:0:interface=127.0.0.1", "--api-listen", "tcp:0:interface=127.0.0.1"],
-        cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=60, check=False)
-    assert started.returncode == 0, started.stdout + started.stderr
-
-    def ready():
-        return logfile.exists() and "pushd ready" in logfile.read_text()
-
-    try:
-        eventually(ready, timeout=30)
-        pid = int(pidfile.read_text())
-        runtime = json.loads((pidfile.parent / "pushd.runtime.json").read_text())
-        assert runtime["pid"] == pid
-        published = run_cli(tmp_path, "publish", "--pidfile", str(pidfile), "AAPL", "1")
-        assert published.returncode == 0 and "published to AAPL at offset" in published.stdout, published.stderr
-        stats = run_cli(tmp_path, "stats", "--pidfile", str(pidfile))
-        assert "nodes: 1" in stats.stdout, stats.stderr
-        os.kill(pid, signal.SIGTERM)
-        eventually(lambda: not alive(pid), timeout=30)
-        assert not pidfile.exists()
-        assert not (pidfile.parent / "pushd.runtime.json").exists()
-        assert "pushd stopped" in logfile.read_text()
-    finally:
-        if pidfile.exists() and alive(int(pidfile.read_text())):
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)

@@ -164,6 +164,16 @@ def _make_venv(path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     return python, purelib
 
 
+def _set_version(setup_cfg: Path, suffix: str) -> str:
+    """Append `suffix` to the version in `setup_cfg`; returns the new version."""
+    lines = setup_cfg.read_text(encoding="utf-8").splitlines(keepends=True)
+    (index,) = [i for i, line in enumerate(lines) if line.startswith("version = ")]
+    version = lines[index].removeprefix("version = ").strip() + suffix
+    lines[index] = f"version = {version}\n"
+    setup_cfg.write_text("".join(lines), encoding="utf-8")
+    return version
+
+
 def _within(path: str, root: Path) -> bool:
     return Path(path).resolve().is_relative_to(root.resolve())
 
@@ -181,6 +191,8 @@ def test_twistd_finds_pushd_plugin(tmp_path: Path, editable: bool) -> None:
     assert not (src / "twisted" / "plugins" / "__init__.py").exists(), "twisted/plugins/ must have no __init__.py"
     # As left by running twistd from a checkout: it must not end up in the wheel.
     (src / "twisted" / "plugins" / "dropin.cache").write_bytes(b"stale")
+    # A version of the copy's own, so `pushctl --version` shows where it reads the version from.
+    version = _set_version(src / "setup.cfg", ".post7")
 
     venv = tmp_path / "venv"
     python, purelib = _make_venv(venv, env)
@@ -204,6 +216,14 @@ def test_twistd_finds_pushd_plugin(tmp_path: Path, editable: bool) -> None:
     proc = _run([str(venv / "bin" / "twistd"), "pushd", "--help"], cwd, env)
     assert proc.returncode == 0, f"twistd pushd --help exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "--redis" in proc.stdout and "--listen" in proc.stdout, proc.stdout
+
+    # The command line tool is `pushctl` (bash and zsh run their `pushd` builtin instead of any `pushd` program),
+    # and `python -m pushd`; both print the installed distribution's version.
+    assert not (venv / "bin" / "pushd").exists(), "no console script may be called pushd"
+    shell_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+    assert _ok(["bash", "-c", "type -t pushctl"], cwd, shell_env) == "file\n"
+    assert _ok(["bash", "-c", "pushctl --version"], cwd, shell_env) == f"pushctl (pushd) {version}\n"
+    assert _ok([str(python), "-m", "pushd", "--version"], cwd, env) == f"pushctl (pushd) {version}\n"
 
     if not editable:
         installed = _ok([str(python), "-c", RECORD_CMD], cwd, env).split()
