@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from pushd import protocol
+from pushd.origins import EMPTY, OriginPolicy
 from pushd.recovery import Position
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ DEFAULT_REASON = "disconnected by the server API"
 CLOSE_CODES = range(4000, 5000)
 #: Seconds an HTTP connection may stay silent before the API closes it.
 IDLE_TIMEOUT = 60
+#: What a browser may send cross-site once api-cors-origins allows its page, and how long it may remember that.
+CORS_ALLOW_HEADERS = "Authorization, Content-Type"
+CORS_MAX_AGE = 600
 
 _log = Logger()
 
@@ -81,6 +85,7 @@ class ErrorCode:
     BAD_REQUEST = "bad_request"
     INVALID_TOPIC = "invalid_topic"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
@@ -88,7 +93,7 @@ class ErrorCode:
     UNAVAILABLE = "unavailable"
     INTERNAL_ERROR = "internal_error"
 
-    ALL = (BAD_REQUEST, INVALID_TOPIC, UNAUTHORIZED, NOT_FOUND, METHOD_NOT_ALLOWED, PAYLOAD_TOO_LARGE,
+    ALL = (BAD_REQUEST, INVALID_TOPIC, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, METHOD_NOT_ALLOWED, PAYLOAD_TOO_LARGE,
            UNSUPPORTED_MEDIA_TYPE, UNAVAILABLE, INTERNAL_ERROR)
 
 
@@ -482,12 +487,18 @@ class _ApiSite(server.Site):
 
 
 class ApiResource(Resource):
-    """The whole API as one leaf: every path under it is matched against ROUTES."""
+    """The whole API as one leaf: every path under it is matched against ROUTES.
+
+    A request with an `Origin` header comes from a web page, and is refused unless `cors` allows that page: a
+    key-less API on loopback trusts whoever can reach it, and every page the user's browser shows can. POSTs
+    must say `Content-Type: application/json`, which no page can send cross-site without the browser asking
+    first (a CORS preflight) and which an HTML form cannot send at all.
+    """
 
     isLeaf = True
 
     def __init__(self, backend: ApiBackend, *, api_keys: tuple[str, ...], max_body: int, limits: protocol.Limits,
-                 max_batch: int) -> None:
+                 max_batch: int, cors: OriginPolicy = EMPTY) -> None:
         super().__init__()
         if any(not key for key in api_keys):
             raise ValueError("api_keys: an API key must not be empty")
@@ -496,6 +507,7 @@ class ApiResource(Resource):
         self._max_body = max_body
         self._limits = limits
         self._max_batch = max_batch
+        self._cors = cors
 
     def render(self, request: server.Request) -> int:
         gone: list[Failure] = []
@@ -509,6 +521,14 @@ class ApiResource(Resource):
     def _respond(self, request: server.Request) -> Deferred[_Response]:
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("latin-1")
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            if not self._cors.matches(origin.decode("latin-1")):
+                raise ApiError(403, ErrorCode.FORBIDDEN,
+                               f"requests from web pages are refused unless api-cors-origins allows their origin "
+                               f"({origin[:100].decode('latin-1')!r} is not allowed)")
+            if method == "OPTIONS" and request.getHeader(b"access-control-request-method") is not None:
+                return succeed(_preflight(path))
         route, params = _match(method, path)
         if route.auth:
             self._authorize(request)
@@ -548,7 +568,9 @@ class ApiResource(Resource):
         if route.method != "POST":
             return {}
         content_type = request.getHeader(b"content-type")
-        if content_type is not None and content_type.split(b";")[0].strip().lower() != b"application/json":
+        if content_type is None:
+            raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "a POST needs Content-Type: application/json")
+        if content_type.split(b";")[0].strip().lower() != b"application/json":
             raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                            f"Content-Type {content_type[:64].decode('latin-1')!r} is not application/json")
         return _parse_body(body)
@@ -563,14 +585,31 @@ class ApiResource(Resource):
         if gone:
             return
         request.setResponseCode(response.status)
-        request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
+        # Every answer depends on the Origin header (refused, or allowed for that origin alone).
+        request.setHeader(b"vary", b"Origin")
+        origin = request.getHeader(b"origin")
+        if origin is not None and self._cors.matches(origin.decode("latin-1")):
+            request.setHeader(b"access-control-allow-origin", origin)
         for name, value in response.headers.items():
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        request.setHeader(b"content-length", str(len(response.body)).encode("ascii"))
-        request.write(response.body)
+        if response.status != 204:
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", str(len(response.body)).encode("ascii"))
+            request.write(response.body)
         request.finish()
+
+
+def _preflight(path: str) -> _Response:
+    """The answer to a CORS preflight from an allowed origin: which methods the path has, which headers a page
+    may send; the browser then sends the request itself, or not."""
+    methods = sorted({route.method for route in ROUTES if route.pattern.fullmatch(path)})
+    if not methods:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no API route {path[:128]!r} (see /api/openapi.json)")
+    return _Response(204, b"", {"Access-Control-Allow-Methods": ", ".join(methods),
+                                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                                "Access-Control-Max-Age": str(CORS_MAX_AGE)})
 
 
 def _match(method: str, path: str) -> tuple[Route, dict[str, str]]:
@@ -590,10 +629,12 @@ def _match(method: str, path: str) -> tuple[Route, dict[str, str]]:
 
 
 def api_site(backend: ApiBackend, *, api_keys: tuple[str, ...], max_body: int, limits: protocol.Limits,
-             max_batch: int = 1000, access_log: str = "") -> server.Site:
+             max_batch: int = 1000, access_log: str = "", cors: OriginPolicy = EMPTY) -> server.Site:
     """The HTTP API as a Site to listen with. With no `api_keys` nobody is asked for a key: listen on loopback.
-    `access_log` is a file for one line per request (combined log format); empty: none."""
-    resource = ApiResource(backend, api_keys=api_keys, max_body=max_body, limits=limits, max_batch=max_batch)
+    `access_log` is a file for one line per request (combined log format); empty: none. `cors`: the web pages
+    whose browser requests are answered (none by default)."""
+    resource = ApiResource(backend, api_keys=api_keys, max_body=max_body, limits=limits, max_batch=max_batch,
+                           cors=cors)
     site = _ApiSite(resource, max_body, access_log)
     site.noisy = False
     site.displayTracebacks = False

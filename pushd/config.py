@@ -7,15 +7,15 @@ docs/configuration.md, so they cannot drift apart. Every error names its setting
 from __future__ import annotations
 
 import configparser
-import ipaddress
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.python import usage
 
+from pushd import endpoints
+from pushd.origins import EMPTY, OriginPolicy, parse_policy
 from pushd.redis.target import RedisTarget, parse_redis_url
 
 
@@ -83,6 +83,11 @@ def _flag(text: str) -> bool:
     raise ValueError(f"{text!r} is not yes or no")
 
 
+def _origins(text: str) -> OriginPolicy:
+    """Origin patterns separated by spaces, commas or lines (pushd/origins.py), parsed once here."""
+    return parse_policy(text)
+
+
 def _patterns(text: str) -> tuple[str, ...]:
     """Topic patterns separated by spaces, commas or lines (fnmatch style: * ? [...])."""
     return tuple(p for p in text.replace(",", " ").split() if p)
@@ -104,11 +109,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "", _listen,
             "Twisted server endpoint string to accept WebSocket connections on; repeatable (one per line in "
             "tap.conf). Empty: ssl:8443 with the certificate in cert-dir, generated for localhost if missing."),
+    Setting("listen-backlog", "1024", _integer(1, 65535),
+            "Connections the kernel may queue on each listening socket (WebSocket and API) before pushd accepts "
+            "them; an endpoint's own backlog= wins. The kernel caps it at net.core.somaxconn."),
     Setting("ws-path", "/ws", _ws_path,
             "URL path of the WebSocket endpoint speaking pushd's own protocol; other paths get HTTP 404."),
     Setting("centrifugo-path", "/connection/websocket", _optional_ws_path,
             "URL path of the WebSocket endpoint speaking Centrifugo's client protocol (JSON), for its SDKs "
             "(docs/clients.md); empty turns it off."),
+    Setting("allowed-origins", "", _origins,
+            "Web pages (Origin header) that may open WebSocket connections: patterns such as "
+            "https://*.example.com or http://127.0.0.1:8000, separated by spaces; * allows every page. Empty: "
+            "only pages served from the host and port the client connected to; clients sending no Origin "
+            "(not browsers) are always let in (docs/security.md)."),
     Setting("cert-dir", "certs", _text,
             "Directory of the generated self-signed certificate used when listen is empty."),
     Setting("redis", "", _redis,
@@ -150,6 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api-key", "", _listen,
             "Bearer key the HTTP API accepts; repeatable (one per line in tap.conf). Empty: no key is asked "
             "for, and the API may only listen on loopback."),
+    Setting("api-cors-origins", "", _origins,
+            "Web pages (Origin header) that may call the HTTP API from a browser (CORS), same patterns as "
+            "allowed-origins. Empty: every request that carries an Origin is refused with 403."),
     Setting("api-access-log", "", _text,
             "File for one line per HTTP API request (combined log format); empty: no access log."),
     Setting("api-max-body", "1048576", _integer(1024, 64 * 1024 * 1024),
@@ -190,8 +206,10 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...] = ()
+    listen_backlog: int = 1024
     ws_path: str = "/ws"
     centrifugo_path: str = "/connection/websocket"
+    allowed_origins: OriginPolicy = EMPTY
     cert_dir: str = "certs"
     redis: RedisTarget | None = None
     redis_server: str = ""
@@ -213,6 +231,7 @@ class Config:
     shutdown_timeout: int = 5
     api_listen: str = "tcp:8081:interface=127.0.0.1"
     api_key: tuple[str, ...] = ()
+    api_cors_origins: OriginPolicy = EMPTY
     api_access_log: str = ""
     api_max_body: int = 1048576
     broadcast_window: int = 900
@@ -291,26 +310,21 @@ def _check_together(parsed: dict[str, Any]) -> None:
     tokens = [name for name in ("jwt_secret", "jwt_public_key", "jwt_jwks") if parsed[name]]
     if parsed["auth"] == "required" and not tokens:
         raise ConfigError("auth: required needs one of jwt-secret, jwt-public-key or jwt-jwks")
-    if parsed["api_listen"] and not parsed["api_key"] and not is_loopback_endpoint(parsed["api_listen"]):
-        raise ConfigError(f"api-listen: {parsed['api_listen']!r} is not loopback-only; set api-key to serve "
-                          "the HTTP API beyond this machine (or add :interface=127.0.0.1)")
+    api_listen = parsed["api_listen"]
+    if api_listen and not parsed["api_key"]:
+        try:
+            endpoints.parse(api_listen)
+        except ValueError as e:
+            raise ConfigError(f"api-listen: {api_listen!r}: {e}") from None
+        if not is_loopback_endpoint(api_listen):
+            raise ConfigError(f"api-listen: {api_listen!r} is not loopback-only; set api-key to serve "
+                              "the HTTP API beyond this machine (or give one interface=127.0.0.1)")
 
 
 def is_loopback_endpoint(description: str) -> bool:
-    """True for a unix socket or a tcp/ssl endpoint bound to a loopback interface."""
-    kind = description.split(":", 1)[0]
-    if kind == "unix":
-        return True
-    match = re.search(r"(?:^|:)interface=((?:[^:\\]|\\.)+)", description)
-    if match is None:
-        return False
-    interface = match.group(1).replace("\\", "")
-    if interface == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False
+    """True when what Twisted will bind for `description` is a unix socket or a loopback address
+    (pushd/endpoints.py reads it as Twisted does)."""
+    return endpoints.is_loopback(description)
 
 
 class Options(usage.Options):

@@ -113,13 +113,15 @@ RESPONSES: dict[str, Schema] = {
     "BadRequest": _error("The body is not JSON, or a field or parameter is invalid; the message names it."),
     "Unauthorized": _error("The bearer key is missing or wrong (only when the server has API keys).",
                            {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    "Forbidden": _error("The request carries an Origin header (it comes from a web page) and api-cors-origins "
+                        "does not allow that origin."),
     "NotFound": _error("No such thing."),
     "PayloadTooLarge": _error("The body is over the server's max body size (by Content-Length or actual size)."),
-    "UnsupportedMediaType": _error("The Content-Type is given and is not application/json."),
+    "UnsupportedMediaType": _error("The Content-Type is missing or is not application/json."),
     "Unavailable": _error("The cluster did not answer (Redis is down or slow); try again."),
 }
 
-_ERROR_RESPONSES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge",
+_ERROR_RESPONSES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge",
                     415: "UnsupportedMediaType", 503: "Unavailable"}
 
 
@@ -158,9 +160,11 @@ DESCRIPTION = """\
 Publish to topics, send to users, broadcast, look at subscriptions and close connections over HTTP.
 
 Every request but `GET /api/openapi.json` needs `Authorization: Bearer <key>` with one of the server's API keys;
-a server configured without keys asks for none (it should then listen on loopback only). Bodies are JSON
-(`Content-Type: application/json`, or none) of at most the server's max body size. Every error answers
-`{"error": {"code", "message"}}`; the message names the field at fault.
+a server configured without keys asks for none (it should then listen on loopback only). Bodies are JSON and
+must be sent with `Content-Type: application/json`, at most the server's max body size. A request with an
+`Origin` header (from a web page) is refused with 403 unless the server's api-cors-origins allows that origin;
+then answers carry `Access-Control-Allow-Origin` and CORS preflights (`OPTIONS`) are answered. Every error
+answers `{"error": {"code", "message"}}`; the message names the field at fault.
 """
 
 
@@ -176,7 +180,8 @@ def _operation(route: api.Route) -> Schema:
     responses: Schema = {str(status): {"description": description,
                                        "content": {"application/json": {"schema": _schema(schema)}}}
                          for status, (description, schema) in spec.responses.items()}
-    errors = set()
+    # Any request may come from a web page, and be refused for its Origin.
+    errors = {403}
     if spec.request is not None or parameters:
         errors.add(400)
     if spec.request is not None:

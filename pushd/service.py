@@ -25,6 +25,7 @@ from pushd.broadcast import NodeBroadcast
 from pushd.cluster import Cluster, parse_control
 from pushd.config import Config, ConfigError, Options, build_config
 from pushd.daemon import StartupReport
+from pushd.endpoints import with_backlog
 from pushd.hooks import Hooks, load_hooks
 from pushd.hub import FrameCache, Hub
 from pushd.recovery import Position
@@ -55,14 +56,16 @@ def listen_endpoints(reactor: Any, config: Config) -> list[tuple[str, Any]]:
     if not descriptions:
         ensure_localhost_certificate(config.cert_dir)
         descriptions = [default_listen(config.cert_dir)]
-    result = []
-    for description in descriptions:
-        try:
-            endpoint = endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise ConfigError(f"listen: {description!r}: {_reason(e)}") from None
-        result.append((description, endpoint))
-    return result
+    return [(description, server_endpoint(reactor, "listen", description, config.listen_backlog))
+            for description in descriptions]
+
+
+def server_endpoint(reactor: Any, setting: str, description: str, backlog: int) -> Any:
+    """Twisted's endpoint for `description`, with the listen backlog unless the description gives its own."""
+    try:
+        return endpoints.serverFromString(reactor, with_backlog(description, backlog))
+    except Exception as e:
+        raise ConfigError(f"{setting}: {description!r}: {_reason(e)}") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -196,7 +199,7 @@ class PushdService(MultiService):
         self.factory = PushFactory(
             services=services, node_id=self.node_id, wires=wires, max_frame_size=config.max_frame_size,
             high_water_mark=config.high_water_mark, ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout)
+            ping_timeout=config.ping_timeout, origins=config.allowed_origins)
         for description, endpoint in self._listen:
             try:
                 port = yield endpoint.listen(self.factory)
@@ -208,7 +211,7 @@ class PushdService(MultiService):
         if self._api_listen is not None:
             description, endpoint = self._api_listen
             site = api_site(self.cluster, api_keys=config.api_key, max_body=config.api_max_body,
-                            limits=self.limits, access_log=config.api_access_log)
+                            limits=self.limits, access_log=config.api_access_log, cors=config.api_cors_origins)
             try:
                 self.api_port = yield endpoint.listen(site)
             except Exception as e:
@@ -381,8 +384,5 @@ def makeService(options: Options) -> PushdService:
 def api_endpoint(reactor: Any, config: Config) -> tuple[str, Any] | None:
     if not config.api_listen:
         return None
-    try:
-        return config.api_listen, endpoints.serverFromString(reactor, config.api_listen)
-    except Exception as e:
-        raise ConfigError(f"api-listen: {config.api_listen!r}: {_reason(e)}") from None
+    return config.api_listen, server_endpoint(reactor, "api-listen", config.api_listen, config.listen_backlog)
 

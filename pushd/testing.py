@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from pushd.hooks import Hooks
 from pushd.hub import Hub, MembershipObserver
+from pushd.origins import SAME_HOST, OriginPolicy
 from pushd.protocol import Limits
 from pushd.recovery import Position
 from pushd.session import AuthPolicy, HistoryReader, PresenceReader, Services, Session
@@ -139,19 +140,24 @@ class MemoryTransport(StringTransport):
 
 
 class MemoryClient:
-    """One client connection to a `MemoryNode`, driven by hand."""
+    """One client connection to a `MemoryNode`, driven by hand. It sends `Host: localhost` and, like a browser,
+    an `Origin` when given one; `headers` add to or replace the handshake's headers (Host included)."""
 
-    def __init__(self, node: MemoryNode, path: str = "/ws", port: int = 40000) -> None:
+    def __init__(self, node: MemoryNode, path: str = "/ws", port: int = 40000, origin: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.node = node
         self.transport = MemoryTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
         protocol = node.factory.buildProtocol(self.transport.getPeer())
         assert isinstance(protocol, PushConnection)
         self.protocol: PushConnection = protocol
         self.protocol.makeConnection(self.transport)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.protocol.dataReceived(
-            (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        sent = {"Host": "localhost", "Upgrade": "websocket", "Connection": "Upgrade",
+                "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Sec-WebSocket-Version": "13"}
+        if origin is not None:
+            sent["Origin"] = origin
+        sent.update(headers or {})
+        lines = "".join(f"{name}: {value}\r\n" for name, value in sent.items())
+        self.protocol.dataReceived(f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode())
         raw = self.transport.value()
         head, _, rest = raw.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1]) if head else 0
@@ -221,6 +227,7 @@ class MemoryNode:
     history: HistoryReader | None = None
     presence: PresenceReader | None = None
     tasks: TaskRunner = field(default_factory=lambda: InlineTasks())
+    origins: OriginPolicy = SAME_HOST
 
     def __post_init__(self) -> None:
         self.clock = MemoryReactorClock()
@@ -234,10 +241,11 @@ class MemoryNode:
         self.factory = PushFactory(
             services=self.services, node_id=self.node_id, wires={"/ws": NATIVE, "/connection/websocket": CENTRIFUGO},
             max_frame_size=self.max_frame_size, high_water_mark=self.high_water_mark,
-            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout)
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout, origins=self.origins)
 
-    def connect(self, path: str = "/ws") -> MemoryClient:
-        return MemoryClient(self, path)
+    def connect(self, path: str = "/ws", origin: str | None = None,
+                headers: Mapping[str, str] | None = None) -> MemoryClient:
+        return MemoryClient(self, path, origin=origin, headers=headers)
 
     def publish(self, topic: str, payload: bytes, position: Position | None = None) -> int:
         return self.hub.publish(topic, payload, position)

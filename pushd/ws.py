@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pushd.origins import SAME_HOST, OriginPolicy
 from pushd.protocol import Disconnect
 from pushd.session import Services, Session
 from pushd.tls import direct_writer
@@ -60,6 +61,9 @@ class PushConnection(WebSocketServerProtocol):
             pass  # not a TCP socket (a unix socket, a test transport)
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        # First of all: a page from another site gets nothing, not even whether the path exists.
+        if not self.factory.origins.allows_handshake(request.headers.get("origin"), request.headers.get("host")):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         wire = self.factory.wires.get(request.path)
         if wire is None:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no WebSocket endpoint at {request.path}")
@@ -164,9 +168,12 @@ class PushFactory(WebSocketServerFactory):
     noisy = False
 
     def __init__(self, *, services: Services, node_id: str, wires: dict[str, Wire], max_frame_size: int,
-                 high_water_mark: int, ping_interval: int, ping_timeout: int, server: str = "pushd") -> None:
+                 high_water_mark: int, ping_interval: int, ping_timeout: int, server: str = "pushd",
+                 origins: OriginPolicy = SAME_HOST) -> None:
         super().__init__(server=server)
         self.services = services
+        #: Which web pages may open a connection (pushd/origins.py); checked before anything else.
+        self.origins = origins
         self.wires = wires
         self.high_water_mark = high_water_mark
         self._node_id = node_id
@@ -188,6 +195,8 @@ class PushFactory(WebSocketServerFactory):
             # Frames are prepared once for every subscriber, which compression per connection would undo.
             perMessageCompressionAccept=lambda offers: None,
             tcpNoDelay=True,
+            # Autobahn would refuse Origin: null itself; `origins` decides (it lets null in only for `*`).
+            allowNullOrigin=True,
         )
 
     @property

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from pushd import openapi, protocol
 from pushd.api import ROUTES, api_site
+from pushd.origins import parse_policy
 from pushd.recovery import Position
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,19 +125,32 @@ class Answer:
 class Api:
     """The real API resource behind an in-memory treq client."""
 
-    def __init__(self, backend: FakeBackend | None = None, keys: tuple[str, ...] = (KEY, OTHER_KEY)) -> None:
+    def __init__(self, backend: FakeBackend | None = None, keys: tuple[str, ...] = (KEY, OTHER_KEY),
+                 cors: str = "") -> None:
         self.backend = backend or default_backend()
-        self.site = api_site(self.backend, api_keys=keys, max_body=MAX_BODY, limits=LIMITS, max_batch=MAX_BATCH)
+        self.site = api_site(self.backend, api_keys=keys, max_body=MAX_BODY, limits=LIMITS, max_batch=MAX_BATCH,
+                             cors=parse_policy(cors))
         self.client = StubTreq(self.site.resource)
 
+    def preflight(self, path: str, origin: str, method: str = "POST") -> tuple[int, Any]:
+        """A browser's CORS preflight: OPTIONS with Origin and Access-Control-Request-Method, no key."""
+        d = self.client.request("OPTIONS", "http://pushd.test" + path, headers={
+            "Origin": origin, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        self.client.flush()
+        response = fired(d)
+        return response.code, response.headers
+
     def request(self, method: str, path: str, body: Any = None, *, data: bytes | None = None, key: str | None = KEY,
-                headers: dict[str, str] | None = None) -> Answer:
+                headers: dict[str, str] | None = None, content_type: str | None = "application/json") -> Answer:
+        """One request; a POST says `content_type` unless `headers` give one (None: no Content-Type at all)."""
         sent = dict(headers or {})
         if key is not None:
             sent.setdefault("Authorization", f"Bearer {key}")
         if body is not None:
             data = json.dumps(body).encode()
-            sent.setdefault("Content-Type", "application/json")
+        if method == "POST" and content_type is not None:
+            sent.setdefault("Content-Type", content_type)
         d = self.client.request(method, "http://pushd.test" + path, headers=sent, data=data)
         self.client.flush()
         response = fired(d)
@@ -271,11 +285,20 @@ def test_a_content_type_other_than_json_is_refused(api):
     assert api.backend.calls == []
 
 
-@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "Application/JSON"])
-def test_json_with_parameters_or_no_content_type_is_accepted(api, content_type):
-    headers = {"Content-Type": content_type} if content_type else {}
-    answer = api.request("POST", "/api/publish", data=b'{"topic": "a", "data": 1}', headers=headers)
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+def test_json_with_parameters_is_accepted(api, content_type):
+    answer = api.request("POST", "/api/publish", data=b'{"topic": "a", "data": 1}', content_type=content_type)
     assert answer.status == 200
+
+
+@pytest.mark.parametrize("route", [route for route in ROUTES if route.method == "POST"], ids=lambda route: route.name)
+def test_a_post_without_content_type_is_refused_with_415(api, route):
+    # What a page of another site can send without a CORS preflight: no Content-Type, or text/plain.
+    path = re.sub(r"\{\w+\}", "x", route.path)
+    answer = api.request("POST", path, {"topic": "a", "data": 1}, content_type=None)
+    assert answer.status == 415
+    assert answer.error() == ("unsupported_media_type", "a POST needs Content-Type: application/json")
+    assert api.backend.calls == []
 
 
 def test_a_body_over_max_body_is_refused_and_one_of_exactly_max_body_is_not(api):
@@ -326,6 +349,7 @@ def test_the_site_counts_the_actual_size_of_a_chunked_body(size, status):
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:50], body[50:])) + b"0\r\n\r\n"
     channel, transport = exchange(api.site, b"POST /api/publish HTTP/1.1\r\nHost: pushd.test\r\n"
                                             b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                                            b"Content-Type: application/json\r\n"
                                             b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
     assert parse_response(transport.value())[0] == status
     assert len(api.backend.calls) == (status == 200)
@@ -600,6 +624,76 @@ def test_a_client_that_leaves_before_the_backend_answers_causes_no_error(failure
     pending.callback({"chat": 1})
     assert transport.value() == b""
     assert failures == []
+
+
+# pages of other sites (Origin) and CORS
+
+APP = "https://app.example.com"
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:8081", "garbage"])
+@pytest.mark.parametrize(("method", "path", "body"), [("POST", "/api/broadcast", {"data": 1}),
+                                                      ("GET", "/api/topics", None)])
+def test_without_api_cors_origins_every_request_from_a_web_page_is_refused(origin, method, path, body):
+    api = Api(keys=())
+    answer = api.request(method, path, body, key=None, headers={"Origin": origin})
+    assert answer.status == 403 and answer.error()[0] == "forbidden"
+    assert "api-cors-origins" in answer.error()[1]
+    assert answer.header("Access-Control-Allow-Origin") is None and answer.header("Vary") == "Origin"
+    assert api.backend.calls == []
+
+
+def test_a_request_without_origin_is_not_a_web_page_and_is_answered():
+    api = Api(keys=())
+    answer = api.request("POST", "/api/broadcast", {"data": 1}, key=None)
+    assert answer.status == 202 and answer.header("Access-Control-Allow-Origin") is None
+
+
+def test_an_allowed_origin_is_answered_for_that_origin_alone():
+    api = Api(cors=f"{APP} https://*.partner.example")
+    for origin in (APP, "https://eu.partner.example"):
+        answer = api.request("POST", "/api/publish", {"topic": "t", "data": 1}, headers={"Origin": origin})
+        assert answer.status == 200
+        assert answer.header("Access-Control-Allow-Origin") == origin and answer.header("Vary") == "Origin"
+    for origin in ("https://app.example.com:8443", "http://app.example.com", "https://partner.example", "null"):
+        assert api.request("GET", "/api/topics", headers={"Origin": origin}).status == 403
+    assert len(api.backend.calls) == 2
+
+
+def test_errors_to_an_allowed_origin_are_readable_by_its_page():
+    api = Api(cors=APP)
+    answer = api.request("GET", "/api/topics", key=None, headers={"Origin": APP})
+    assert answer.status == 401 and answer.header("Access-Control-Allow-Origin") == APP
+
+
+def test_a_preflight_from_an_allowed_origin_names_the_methods_and_headers_and_needs_no_key():
+    api = Api(cors=APP)
+    status, headers = api.preflight("/api/publish", APP)
+    assert status == 204
+    assert headers.getRawHeaders("Access-Control-Allow-Origin") == [APP]
+    assert headers.getRawHeaders("Access-Control-Allow-Methods") == ["POST"]
+    assert headers.getRawHeaders("Access-Control-Allow-Headers") == ["Authorization, Content-Type"]
+    assert headers.getRawHeaders("Access-Control-Max-Age") == ["600"]
+    assert headers.getRawHeaders("Vary") == ["Origin"]
+    assert api.preflight("/api/users/u/connections", APP, "DELETE")[1].getRawHeaders(
+        "Access-Control-Allow-Methods") == ["DELETE"]
+    assert api.backend.calls == []
+
+
+def test_a_preflight_from_another_origin_or_to_no_route_is_refused():
+    api = Api(cors=APP)
+    status, headers = api.preflight("/api/publish", "https://evil.example")
+    assert status == 403 and headers.getRawHeaders("Access-Control-Allow-Origin") is None
+    assert api.preflight("/api/nope", APP)[0] == 404
+    # OPTIONS that is no preflight is a method the API does not have.
+    assert api.request("OPTIONS", "/api/publish", headers={"Origin": APP}).status == 405
+
+
+def test_star_allows_every_page_null_included():
+    api = Api(cors="*")
+    for origin in ("https://anything.example", "null"):
+        answer = api.request("GET", "/api/topics", headers={"Origin": origin})
+        assert answer.status == 200 and answer.header("Access-Control-Allow-Origin") == origin
 
 
 # the OpenAPI document

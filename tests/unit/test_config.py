@@ -42,6 +42,18 @@ def test_repeatable_listen_option():
     ({"ws-path": "ws"}, "ws-path: 'ws' is not a URL path"),
     ({"channel-prefix": "push:*"}, "channel-prefix:"),
     ({"heartbeat-ttl": "5", "heartbeat-interval": "5"}, "heartbeat-ttl: 5 must be longer"),
+    ({"api-listen": "tcp:8081:127.0.0.1:interface=127.0.0.1"},
+     "api-listen: 'tcp:8081:127.0.0.1:interface=127.0.0.1': tcp: multiple values for argument 'interface'"),
+    ({"api-listen": "tcp:8081:interface=127.0.0.1:bind=1"},
+     "api-listen: 'tcp:8081:interface=127.0.0.1:bind=1': tcp: got an unexpected keyword argument 'bind'"),
+    ({"allowed-origins": "https://app.example.com/"},
+     "allowed-origins: 'https://app.example.com/': an origin has no path, query or fragment (write https://"),
+    ({"allowed-origins": "https://*.example.com, example.org"},
+     "allowed-origins: 'example.org' is not an origin pattern"),
+    ({"api-cors-origins": "* https://a.example"}, "api-cors-origins: * allows every origin; give it alone"),
+    ({"api-cors-origins": "https://a.*.example"}, "api-cors-origins: 'https://a.*.example': '*' may only"),
+    ({"listen-backlog": "0"}, "listen-backlog: 0 is out of range (must be between 1 and 65535)"),
+    ({"listen-backlog": "many"}, "listen-backlog: 'many' is not a whole number"),
 ])
 def test_bad_values_name_their_setting(given, start):
     with pytest.raises(ConfigError) as error:
@@ -114,6 +126,27 @@ def test_api_keys_are_repeatable_and_open_the_api_beyond_loopback():
     ("tcp:8081", False),
     ("tcp:8081:interface=10.0.0.1", False),
     ("ssl:8081:interface=0.0.0.0:privateKey=k", False),
+    # What Twisted binds: the last of two equal keywords wins, and the interface may be given by position.
+    ("tcp:8081:interface=127.0.0.1:interface=0.0.0.0", False),
+    ("tcp:8081:interface=0.0.0.0:interface=127.0.0.1", True),
+    ("tcp:8081:0.0.0.0", False),
+    ("tcp:8081:127.0.0.1", True),
+    ("tcp:8081:interface=127.0.0.1:interface=", False),
+    ("tcp:8081:interface=127.0.0.1.nip.io", False),
+    ("tcp:8081:interface=::ffff:127.0.0.1", False),
+    ("ssl:8081:privateKey=k:interface=127.0.0.1", True),
+    ("ssl:8081:privateKey=interface=127.0.0.1", False),
+    ("tcp6:8081:interface=\\:\\:1", True),
+    ("tcp6:8081", False),
+    ("tls:/etc/pushd/certs:port=8081:interface=127.0.0.1", True),
+    ("tls:/etc/pushd/certs:port=8081", False),
+    ("haproxy:tcp:8081:interface=127.0.0.1", True),
+    ("haproxy:tcp:8081", False),
+    ("systemd:domain=INET:index=0", False),
+    ("stdio:", False),
+    ("TCP:8081:interface=127.0.0.1", False),  # Twisted knows no TCP: type (types are case-sensitive)
+    ("unix:/run/pushd-api.sock:mode=600:lockfile=0", True),
+    ("unix:/run/interface=127.0.0.1", False),  # a keyword _parseUNIX does not take: Twisted refuses it
 ])
 def test_loopback_endpoints(description, loopback):
     from pushd.config import is_loopback_endpoint
@@ -132,3 +165,26 @@ def test_history_rules_and_key_files_are_checked_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match="^jwt-secret: "):
         auth_policy(build_config({"jwt-secret": "x" * 32, "jwt-jwks": str(tmp_path / "k.json")}))
     assert auth_policy(build_config({"jwt-secret": "x" * 32})).verifier is not None
+
+
+def test_the_duplicate_interface_case_is_refused_without_a_key_and_binds_what_the_check_says():
+    from twisted.internet import endpoints
+
+    description = "tcp:8081:interface=127.0.0.1:interface=0.0.0.0"
+    with pytest.raises(ConfigError) as error:
+        build_config({"api-listen": description})
+    assert str(error.value) == (f"api-listen: {description!r} is not loopback-only; set api-key to serve the HTTP "
+                                "API beyond this machine (or give one interface=127.0.0.1)")
+    # Twisted's own reading of it, which the check follows: the last interface= wins.
+    assert endpoints.serverFromString(None, description)._interface == "0.0.0.0"
+
+
+def test_origin_settings_are_parsed_once_into_policies():
+    config = build_config({"allowed-origins": "http://127.0.0.1:8000", "api-cors-origins": "*"})
+    assert config.allowed_origins.allows_handshake("http://127.0.0.1:8000", "localhost:8443")
+    assert not config.allowed_origins.allows_handshake("https://evil.example", "localhost:8443")
+    assert config.api_cors_origins.allow_any
+    defaults = build_config({})
+    assert defaults.listen_backlog == 1024
+    assert not defaults.api_cors_origins.matches("http://127.0.0.1:8081")
+    assert defaults.allowed_origins.allows_handshake("https://localhost:8443", "localhost:8443")
