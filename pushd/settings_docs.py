@@ -55,6 +55,14 @@ DOC_TAIL = """
   read one) and counted.
 - **HTTP API on loopback by default.** `api-listen` is `127.0.0.1:8081`; without `api-key` pushd refuses any
   address that is not loopback, so an API without keys is never reachable from the network by mistake.
+- **Pages from other sites refused by default.** A WebSocket handshake whose `Origin` names another host or
+  port than its `Host` gets 403 (clients sending no `Origin`, which browsers always send, are let in); the HTTP
+  API refuses every request with an `Origin` and every POST without `Content-Type: application/json`. List your
+  web app's origin in `allowed-origins` (and `api-cors-origins` for pages that call the API); docs/security.md
+  explains the attacks this stops.
+- **Listen backlog 1024.** Twisted's default of 50 makes a burst of reconnecting clients overflow the kernel's
+  accept queue, and each dropped connect waits 1 s, 3 s, 7 s... for its SYN to be sent again
+  (docs/performance.md, "Connect bursts"). The kernel caps the backlog at `net.core.somaxconn`.
 - **Tokens optional by default.** `auth = optional` accepts anonymous connections (limited to
   `public-topics`, all topics by default, as before tokens existed) and checks every token that is presented;
   set `auth = required` with one of the `jwt-*` keys to turn anonymous access off.
