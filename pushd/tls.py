@@ -198,7 +198,8 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
     Twisted's TLS transport holds every small write until the next reactor iteration, at the price of one
     `callLater` per write. pushd already gives each connection one write per Redis read, so for its connections
     that aggregation is pure overhead on the hot path (measured in docs/performance.md). This switches it off
-    for the connection, for every writer alike (Autobahn's replies included), so the order of bytes is kept.
+    for the connection, for every writer alike (Autobahn's replies included), so the order of bytes is kept:
+    what the aggregator still holds (the handshake's 101 response) goes out first.
     """
     # ssl: endpoints hand the protocol the TLS layer itself; reactor.listenSSL-style ports (twisted.internet._newtls)
     # hand it a socket transport whose `protocol` is the TLS layer.
@@ -206,6 +207,7 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
     if not isinstance(tls, BufferingTLSTransport) and getattr(transport, "TLS", False):
         tls = getattr(transport, "protocol", None)
     if isinstance(tls, BufferingTLSTransport):
+        tls._aggregator.close()  # flush now, and cancel the flush it scheduled
         write: Callable[[bytes], None] = TLSMemoryBIOProtocol.write.__get__(tls)
         tls.write = write  # type: ignore[method-assign]
         return write

@@ -349,3 +349,34 @@ def test_wss_handshake_with_a_client_that_offers_alpn(tmp_path: Path, offered: l
                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     pump()
     assert client.read(4096).startswith(b"HTTP/1.1 101 ")
+
+
+def test_direct_writer_sends_what_the_aggregator_holds_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close sent as the connection opens must follow the 101 response, which Twisted still holds back."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import PrivateCertificate
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+    from pushd.tls import direct_writer
+
+    written: list[bytes] = []
+
+    def record(self: TLSMemoryBIOProtocol, data: bytes) -> None:
+        written.append(data)
+
+    monkeypatch.setattr(TLSMemoryBIOProtocol, "write", record)
+    key_path, cert_path = ensure_localhost_certificate(str(tmp_path))
+    with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+        options = PrivateCertificate.loadPEM(cert.read() + key.read()).options()
+    clock = Clock()
+    tls = TLSMemoryBIOFactory(options, False, Factory.forProtocol(Protocol), clock=clock).buildProtocol(None)
+    assert tls is not None
+    tls.makeConnection(StringTransport())
+    tls.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    assert written == []
+    direct_writer(tls)(b"\x88\x02\x0f\xa1")
+    assert written == [b"HTTP/1.1 101 Switching Protocols\r\n\r\n", b"\x88\x02\x0f\xa1"]
+    clock.advance(0)
+    assert len(written) == 2
