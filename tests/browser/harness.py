@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from tests.integration.pushd_process import PushdProcess
+
 PAGES = Path(__file__).resolve().parent / "pages"
 #: The HS256 secret of the connection tokens the page server hands out (`/token`) and the nodes check.
 JWT_SECRET = "browser-tests-secret-not-for-production"
@@ -118,3 +120,17 @@ class Seen:
         events = self.page.evaluate("seen")
         return "\n".join(f"{'  ' if index < self.cursor else '> '}{json.dumps(event)}"
                          for index, event in enumerate(events))
+
+
+def publish(node: PushdProcess, topic: str, data: object) -> dict[str, Any]:
+    """Publish with history through the HTTP API; the frame a subscriber of pushd's own protocol gets for it."""
+    status, body = node.api("POST", "/api/publish", {"topic": topic, "data": data})
+    assert status == 200, body
+    return {"topic": topic, "data": data, "offset": body["offset"], "epoch": body["epoch"]}
+
+
+def disconnect(node: PushdProcess, conn_id: str, code: int, reason: str) -> None:
+    """Close one connection from the server's side: `DELETE /api/connections/<id>` (docs/api.md)."""
+    query = urllib.parse.urlencode({"code": code, "reason": reason})
+    status, body = node.api("DELETE", f"/api/connections/{urllib.parse.quote(conn_id, safe='')}?{query}")
+    assert status == 200, body

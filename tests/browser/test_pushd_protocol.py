@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.harness import Seen, token
+from tests.browser.harness import Seen, disconnect, publish, token
 from tests.integration.pushd_process import PushdProcess
 from tests.redis_server import RedisServer
 
@@ -26,24 +26,15 @@ def open_client(open_page: Callable[[str], tuple[Any, Seen]], url: str, topic: s
     return page, seen
 
 
-def publish(node: PushdProcess, topic: str, data: object) -> dict[str, Any]:
-    """Publish with history through the HTTP API; the frame a subscriber gets for it."""
-    status, body = node.api("POST", "/api/publish", {"topic": topic, "data": data})
-    assert status == 200, body
-    return {"topic": topic, "data": data, "offset": body["offset"], "epoch": body["epoch"]}
-
-
 def messages(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The topic messages among a page's events, in the order it got them."""
     return [event["frame"] for event in events if event["type"] == "frame" and "topic" in event["frame"]]
 
 
 def drop(node: PushdProcess, redis_server: RedisServer, topic: str, reason: str) -> None:
-    """Close the one connection subscribed to `topic` from the server's side (DELETE /api/connections/<id>)."""
+    """Close the one connection subscribed to `topic` from the server's side, with code 4000."""
     (conn_id,) = redis_server.client().smembers(f"pushd:topic:{topic}")
-    status, body = node.api("DELETE", f"/api/connections/{urllib.parse.quote(conn_id, safe='')}?code=4000&reason="
-                            + urllib.parse.quote(reason))
-    assert status == 200, body
+    disconnect(node, conn_id, 4000, reason)
 
 
 def test_receives_api_redis_and_broadcast_messages(start_node: Callable[..., PushdProcess],
