@@ -67,12 +67,18 @@ def browser(chromium: str, certificate: tuple[str, str]) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def page_server() -> Iterator[PageServer]:
-    """The HTTP server of the test pages and the centrifuge SDK from tests/js (npm ci on first use)."""
-    server = PageServer(node_modules() / "centrifuge" / "dist" / "centrifuge.js").start()
+    """The HTTP server of the test pages."""
+    server = PageServer().start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def centrifuge_bundle(page_server: PageServer) -> None:
+    """The official centrifuge SDK's browser bundle from tests/js (npm ci on first use), at /centrifuge.js."""
+    page_server.add("/centrifuge.js", node_modules() / "centrifuge" / "dist" / "centrifuge.js")
 
 
 @pytest.fixture

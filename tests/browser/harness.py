@@ -44,14 +44,13 @@ def token(user: str, ttl: float) -> str:
 
 
 class PageServer:
-    """Plain HTTP on 127.0.0.1 (port 0) in a thread: the test pages, the centrifuge SDK bundle, and `/token`.
+    """Plain HTTP on 127.0.0.1 (port 0) in a thread: the test pages, files added with `add`, and `/token`.
 
     `/token?sub=alice&ttl=3` plays the application backend that signs a page's connection tokens.
     """
 
-    def __init__(self, sdk_bundle: Path) -> None:
-        files = {f"/{path.name}": path for path in PAGES.iterdir() if path.suffix in (".html", ".js")}
-        files["/centrifuge.js"] = sdk_bundle
+    def __init__(self) -> None:
+        self.files = files = {f"/{path.name}": path for path in PAGES.iterdir() if path.suffix in (".html", ".js")}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -79,6 +78,10 @@ class PageServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="page-server", daemon=True)
+
+    def add(self, url_path: str, path: Path) -> None:
+        """Serve `path` at `url_path` too (the centrifuge bundle, which only the SDK's tests need)."""
+        self.files[url_path] = path
 
     def start(self) -> PageServer:
         self.thread.start()

@@ -21,6 +21,7 @@ from tests.integration.pushd_process import PushdProcess
 from tests.redis_server import RedisServer
 
 OpenPage = Callable[[str], tuple[Any, Seen]]
+pytestmark = pytest.mark.usefixtures("centrifuge_bundle")
 
 
 def sdk_url(node: PushdProcess) -> str:

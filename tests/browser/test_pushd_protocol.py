@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,16 +71,22 @@ def test_a_refused_url_token_closes_with_4001(start_node: Callable[..., PushdPro
     assert (close["code"], close["clean"]) == (4001, True), close
 
 
-def test_close_codes_of_an_api_disconnect_and_a_node_stop(start_node: Callable[..., PushdProcess],
+def test_close_codes_of_an_api_disconnect_a_refused_token_and_a_node_stop(start_node: Callable[..., PushdProcess],
                                                           open_page: Callable[[str], tuple[Any, Seen]],
                                                           redis_server: RedisServer) -> None:
     node = start_node()
-    _, seen = open_client(open_page, node.url, "AAPL")
+    page, seen = open_client(open_page, node.url, "AAPL")
     drop(node, redis_server, "AAPL", "moved to another node")
     assert seen.expect({"type": "close"}) == {"type": "close", "code": 4000, "reason": "moved to another node",
                                               "clean": True}
     seen.expect({"type": "frame", "frame": {"op": "subscribed", "id": "resubscribe"}})
 
+    page.evaluate("token => client.send({op: 'auth', token: token, id: 2})", token("alice", -60))
+    close = seen.expect({"type": "close"})
+    assert (close["code"], close["clean"]) == (4001, True) and "expired" in close["reason"], close
+
+    page.evaluate("client.resume()")
+    seen.expect({"type": "open"})
     node.stop()
     close = seen.expect({"type": "close"})
     assert (close["code"], close["clean"]) == (1001, True), close
@@ -154,3 +161,13 @@ def test_a_recovery_that_history_cannot_serve_is_reported(
     assert (error["code"], error["topics"], error["id"]) == ("recovery_failed", ["AAPL"], "resubscribe"), error
     live = publish(node, "AAPL", {"price": 4})
     assert messages(seen.until({"type": "frame", "frame": live}))[-1] == live
+
+
+def test_a_certificate_chromium_was_not_told_of_is_refused(tmp_path: Path,
+                                                            open_page: Callable[[str], tuple[Any, Seen]]) -> None:
+    """Chromium trusts the one key it was given, not every self-signed certificate: checks stay on."""
+    stranger = PushdProcess(tmp_path / "stranger").start()  # with a certificate of its own, a new key
+    page, seen = open_page("native.html")
+    page.evaluate("url => { window.client = new PushdClient(url); client.hold(); client.connect(); }", stranger.url)
+    assert seen.expect({"type": "close"}) == {"type": "close", "code": 1006, "reason": "", "clean": False}
+    stranger.wait_for("SSL error: tls alert certificate unknown")
