@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from pushd.tls import ensure_localhost_certificate
-from tests.browser.harness import JWT_SECRET, PageServer, Seen, spki_pin
-from tests.integration.pushd_process import PushdProcess
+from tests.browser.harness import JWT_SECRET, OpenPage, PageServer, Seen, SharedNode, spki_pin
+from tests.integration.pushd_process import RUNNING, PushdProcess
 from tests.js import missing, node_modules
 from tests.redis_server import RedisServer
 
@@ -82,7 +82,7 @@ def centrifuge_bundle(page_server: PageServer) -> None:
 
 
 @pytest.fixture
-def open_page(browser: Any, page_server: PageServer) -> Iterator[Callable[[str], tuple[Any, Seen]]]:
+def open_page(browser: Any, page_server: PageServer) -> Iterator[OpenPage]:
     """open_page("native.html") -> (page, Seen): a page in a fresh browser context, closed after the test."""
     contexts: list[Any] = []
 
@@ -98,19 +98,44 @@ def open_page(browser: Any, page_server: PageServer) -> Iterator[Callable[[str],
         context.close()
 
 
+def node_process(workdir: Path, certificate: tuple[str, str], page_origin: str, redis: RedisServer, *args: str,
+                 port: int = 0) -> PushdProcess:
+    """A node at wss://localhost:PORT on the run's certificate, with its Redis at `redis`, not started yet."""
+    key, cert = certificate
+    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    return PushdProcess(workdir, "--listen", listen, "--jwt-secret", JWT_SECRET, *node_args(page_origin), *args,
+                        redis=redis.url, listen=False)
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory: pytest.TempPathFactory, certificate: tuple[str, str], page_server: PageServer,
+           redis_binary: str) -> Iterator[SharedNode]:
+    """One node and Redis for the tests that neither stop the node nor need settings of their own.
+
+    A node start is most of a browser test's time; sharing one keeps the run short. The node is kept out of
+    `RUNNING`, which the suite empties after every test, and stopped here at the end of the run.
+    """
+    with RedisServer(redis_binary) as redis:
+        node = node_process(tmp_path_factory.mktemp("shared-node"), certificate, page_server.origin, redis)
+        RUNNING.remove(node)
+        node.start()
+        try:
+            yield SharedNode(node, redis)
+        finally:
+            node.stop()
+
+
 @pytest.fixture
 def start_node(tmp_path: Path, certificate: tuple[str, str], page_server: PageServer,
                redis_server: RedisServer) -> Callable[..., PushdProcess]:
-    """start_node(*args, port=0) -> a started node on the test's own Redis, at wss://localhost:PORT.
+    """start_node(*args, port=0) -> a started node of the test's own, on the test's own Redis.
 
     Every node of a test shares that Redis (history survives a node restart) and its work directory; `port` lets a
     restarted node listen where the pages expect it.
     """
-    key, cert = certificate
 
     def start_node(*args: str, port: int = 0) -> PushdProcess:
-        listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        return PushdProcess(tmp_path / "node", "--listen", listen, "--jwt-secret", JWT_SECRET,
-                            *node_args(page_server.origin), *args, redis=redis_server.url, listen=False).start()
+        return node_process(tmp_path / "node", certificate, page_server.origin, redis_server, *args,
+                            port=port).start()
 
     return start_node

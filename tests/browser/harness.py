@@ -11,6 +11,8 @@ import json
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,10 @@ from playwright.sync_api import Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.integration.pushd_process import PushdProcess
+from tests.redis_server import RedisServer
 
+#: The `open_page` fixture: open_page("native.html") -> (page, Seen).
+OpenPage = Callable[[str], tuple[Page, "Seen"]]
 PAGES = Path(__file__).resolve().parent / "pages"
 #: The HS256 secret of the connection tokens the page server hands out (`/token`) and the nodes check.
 JWT_SECRET = "browser-tests-secret-not-for-production"
@@ -123,6 +128,14 @@ class Seen:
         events = self.page.evaluate("seen")
         return "\n".join(f"{'  ' if index < self.cursor else '> '}{json.dumps(event)}"
                          for index, event in enumerate(events))
+
+
+@dataclass
+class SharedNode:
+    """The node most tests share (each on topics of its own), and its Redis."""
+
+    node: PushdProcess
+    redis: RedisServer
 
 
 def publish(node: PushdProcess, topic: str, data: object) -> dict[str, Any]:

@@ -16,11 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.browser.harness import Seen, disconnect, publish
+from tests.browser.harness import OpenPage, Seen, SharedNode, disconnect, publish
 from tests.integration.pushd_process import PushdProcess
-from tests.redis_server import RedisServer
 
-OpenPage = Callable[[str], tuple[Any, Seen]]
 pytestmark = pytest.mark.usefixtures("centrifuge_bundle")
 
 
@@ -28,11 +26,10 @@ def sdk_url(node: PushdProcess) -> str:
     return node.url.removesuffix("/ws") + "/connection/websocket"
 
 
-def open_sdk(open_page: OpenPage, node: PushdProcess, channel: str, *, user: str = "",
-             token_ttl: int = 0) -> tuple[Any, Seen, str]:
-    """A page whose Centrifuge client is connected and subscribed to `channel`; also its client id."""
+def open_sdk(open_page: OpenPage, node: PushdProcess, channel: str) -> tuple[Any, Seen, str]:
+    """A page whose anonymous Centrifuge client is connected and subscribed to `channel`; also its client id."""
     page, seen = open_page("centrifuge.html")
-    page.evaluate("([url, user, ttl]) => startCentrifuge(url, user, ttl)", [sdk_url(node), user, token_ttl])
+    page.evaluate("url => startCentrifuge(url)", sdk_url(node))
     client = seen.expect({"type": "connected"})["client"]
     page.evaluate("channel => subscribeChannel(channel)", channel)
     subscribed = seen.expect({"type": "subscribed", "channel": channel})
@@ -45,44 +42,44 @@ def publications(events: list[dict[str, Any]]) -> list[tuple[Any, int | None]]:
     return [(event["data"], event["offset"]) for event in events if event["type"] == "publication"]
 
 
-def test_connects_subscribes_and_receives_api_redis_and_broadcast_messages(
-        start_node: Callable[..., PushdProcess], open_page: OpenPage, redis_server: RedisServer) -> None:
-    node = start_node()
-    _, seen, client = open_sdk(open_page, node, "AAPL")
+def test_connects_subscribes_and_receives_api_redis_and_broadcast_messages(shared: SharedNode,
+                                                                          open_page: OpenPage) -> None:
+    node, channel = shared.node, "sdk.AAPL"
+    _, seen, client = open_sdk(open_page, node, channel)
     assert client.startswith(node.node_id + ":")
 
-    publish(node, "AAPL", {"price": 172.5})
+    publish(node, channel, {"price": 172.5})
     assert publications([seen.expect({"type": "publication"})]) == [({"price": 172.5}, 1)]
-    redis_server.client().publish("push:AAPL", '{"price":173}')
+    shared.redis.client().publish(f"push:{channel}", '{"price":173}')
     assert publications([seen.expect({"type": "publication"})]) == [({"price": 173}, None)]
     status, body = node.api("POST", "/api/broadcast", {"data": "maintenance at 22:00"})
     assert status == 202, body
     assert seen.expect({"type": "message"})["data"] == "maintenance at 22:00"
 
 
-def test_recovers_exactly_the_missed_publications_after_a_dropped_connection(
-        start_node: Callable[..., PushdProcess], open_page: OpenPage) -> None:
-    node = start_node()
-    page, seen, client = open_sdk(open_page, node, "orders.42")
-    publish(node, "orders.42", {"n": 1})
+def test_recovers_exactly_the_missed_publications_after_a_dropped_connection(shared: SharedNode,
+                                                                           open_page: OpenPage) -> None:
+    node = shared.node
+    page, seen, client = open_sdk(open_page, node, "sdk.orders.42")
+    publish(node, "sdk.orders.42", {"n": 1})
     seen.expect({"type": "publication", "offset": 1})
 
     disconnect(node, client, 4000, "dropped")
     assert seen.expect({"type": "connecting"})["code"] == 4000
     assert seen.expect({"type": "connected"})["client"] != client
-    events = seen.until({"type": "subscribed", "channel": "orders.42"})
+    events = seen.until({"type": "subscribed", "channel": "sdk.orders.42"})
     assert (events[-1]["wasRecovering"], events[-1]["recovered"]) == (True, True), events[-1]
     assert publications(events) == []
 
     page.context.set_offline(True)
     seen.expect({"type": "connecting", "reason": "transport closed"})
     for n in (2, 3, 4):
-        publish(node, "orders.42", {"n": n})
+        publish(node, "sdk.orders.42", {"n": n})
     page.context.set_offline(False)
 
-    events = seen.until({"type": "subscribed", "channel": "orders.42"})
+    events = seen.until({"type": "subscribed", "channel": "sdk.orders.42"})
     assert (events[-1]["wasRecovering"], events[-1]["recovered"]) == (True, True), events[-1]
-    publish(node, "orders.42", {"n": 5})
+    publish(node, "sdk.orders.42", {"n": 5})
     events = seen.until({"type": "publication", "offset": 5})
     assert publications(events) == [({"n": 2}, 2), ({"n": 3}, 3), ({"n": 4}, 4), ({"n": 5}, 5)]
 
@@ -111,26 +108,25 @@ def test_reconnects_after_a_node_restart_and_recovers_from_the_external_redis(
 
 
 @pytest.mark.parametrize("loss", ["trimmed", "deleted"])
-def test_is_told_when_the_history_it_missed_is_gone(
-        loss: str, start_node: Callable[..., PushdProcess], open_page: OpenPage, redis_server: RedisServer) -> None:
-    node = start_node()
-    page, seen, _ = open_sdk(open_page, node, "AAPL")
-    publish(node, "AAPL", {"price": 1})
+def test_is_told_when_the_history_it_missed_is_gone(loss: str, shared: SharedNode, open_page: OpenPage) -> None:
+    node, channel, redis = shared.node, f"sdk.{loss}", shared.redis.client()
+    page, seen, _ = open_sdk(open_page, node, channel)
+    publish(node, channel, {"price": 1})
     before = seen.expect({"type": "publication", "offset": 1})
-    epoch = redis_server.client().hget("pushd:meta:AAPL", "epoch")
+    epoch = redis.hget(f"pushd:meta:{channel}", "epoch")
 
     page.context.set_offline(True)
     seen.expect({"type": "connecting", "reason": "transport closed"})
-    publish(node, "AAPL", {"price": 2})
+    publish(node, channel, {"price": 2})
     if loss == "trimmed":
-        publish(node, "AAPL", {"price": 3})
-        redis_server.client().xtrim("pushd:history:AAPL", maxlen=1, approximate=False)
+        publish(node, channel, {"price": 3})
+        redis.xtrim(f"pushd:history:{channel}", maxlen=1, approximate=False)
     else:
-        redis_server.client().delete("pushd:history:AAPL", "pushd:meta:AAPL")
-        publish(node, "AAPL", {"price": 3})  # a new history, with a new epoch
+        redis.delete(f"pushd:history:{channel}", f"pushd:meta:{channel}")
+        publish(node, channel, {"price": 3})  # a new history, with a new epoch
     page.context.set_offline(False)
 
-    events = seen.until({"type": "subscribed", "channel": "AAPL"})
+    events = seen.until({"type": "subscribed", "channel": channel})
     subscribed = events[-1]
     assert (subscribed["wasRecovering"], subscribed["recovered"]) == (True, False), subscribed
     assert publications(events) == []
@@ -139,7 +135,7 @@ def test_is_told_when_the_history_it_missed_is_gone(
         assert position == {"offset": 3, "epoch": epoch}
     else:
         assert position["epoch"] != epoch and position["offset"] == 1, position
-    live = publish(node, "AAPL", {"price": 4})
+    live = publish(node, channel, {"price": 4})
     assert publications([seen.expect({"type": "publication"})]) == [(live["data"], position["offset"] + 1)]
     assert before["offset"] == 1
 
