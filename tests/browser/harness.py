@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from playwright.sync_api import Page
+from playwright.sync_api import Page, WebSocket
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.integration.pushd_process import PushdProcess
@@ -101,12 +101,25 @@ class PageServer:
 class Seen:
     """The events a page recorded (`record()` in pages/harness.js), read in order as they come.
 
-    Each wait is bounded; a wait that runs out fails with everything the page saw, which is what explains it.
+    Each wait is bounded; a wait that runs out fails with everything the page saw and the WebSocket frames on the
+    wire (`frames`, from Playwright's frame events: what the server really sent), which is what explains it.
     """
 
     def __init__(self, page: Page) -> None:
         self.page = page
         self.cursor = 0
+        #: ("<" received or ">" sent, payload) of every WebSocket frame of the page, in order.
+        self.frames: list[tuple[str, str]] = []
+        page.on("websocket", self._watch)
+
+    def _watch(self, ws: WebSocket) -> None:
+        ws.on("framereceived", lambda payload: self.frames.append(("<", str(payload))))
+        ws.on("framesent", lambda payload: self.frames.append((">", str(payload))))
+
+    def received(self) -> list[dict[str, Any]]:
+        """The JSON commands and replies the page received, one per line of each frame (Centrifugo batches them)."""
+        return [json.loads(line) for way, payload in self.frames if way == "<"
+                for line in payload.splitlines() if line.strip()]
 
     def until(self, pattern: dict[str, Any], timeout: float = 10) -> list[dict[str, Any]]:
         """Every event from the last one read up to the first that matches `pattern` (a partial match), inclusive."""
@@ -126,8 +139,9 @@ class Seen:
 
     def dump(self) -> str:
         events = self.page.evaluate("seen")
-        return "\n".join(f"{'  ' if index < self.cursor else '> '}{json.dumps(event)}"
-                         for index, event in enumerate(events))
+        return "\n".join([*(f"{'  ' if index < self.cursor else '> '}{json.dumps(event)}"
+                            for index, event in enumerate(events)),
+                          "the last WebSocket frames:", *(f"  {way} {payload}" for way, payload in self.frames[-40:])])
 
 
 @dataclass

@@ -9,7 +9,7 @@ window.startCentrifuge = (url, user, tokenTtl) => {
     options.getToken = async () => {
       const response = await fetch(`/token?sub=${encodeURIComponent(user)}&ttl=${tokenTtl}`);
       const token = await response.text();
-      record({type: "token"});
+      record({type: "token", exp: JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).exp});
       return token;
     };
   }
