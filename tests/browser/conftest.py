@@ -31,9 +31,12 @@ def node_args(page_origin: str) -> list[str]:
     return []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def chromium() -> str:
-    """Path of the system Chromium; a missing one skips (fails with CI=true) naming the command that installs it."""
+    """Path of the system Chromium; a missing one skips (fails with CI=true) naming the command that installs it.
+
+    Autouse, so that a missing browser stops each test before anything else (nodes, Redis) is started for it.
+    """
     path = shutil.which("chromium")
     if path is None:
         missing("Chromium", INSTALL_CHROMIUM)
