@@ -101,8 +101,9 @@ class PageServer:
 class Seen:
     """The events a page recorded (`record()` in pages/harness.js), read in order as they come.
 
-    Each wait is bounded; a wait that runs out fails with everything the page saw and the WebSocket frames on the
-    wire (`frames`, from Playwright's frame events: what the server really sent), which is what explains it.
+    Each wait is bounded; a wait that runs out fails with everything the page saw, the WebSocket frames on the wire
+    (`frames`, from Playwright's frame events: what the server really sent) and the page's uncaught exceptions,
+    which is what explains it.
     """
 
     def __init__(self, page: Page) -> None:
@@ -110,7 +111,10 @@ class Seen:
         self.cursor = 0
         #: ("<" received or ">" sent, payload) of every WebSocket frame of the page, in order.
         self.frames: list[tuple[str, str]] = []
+        #: Uncaught exceptions of the page's scripts.
+        self.errors: list[str] = []
         page.on("websocket", self._watch)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
 
     def _watch(self, ws: WebSocket) -> None:
         ws.on("framereceived", lambda payload: self.frames.append(("<", str(payload))))
@@ -141,7 +145,8 @@ class Seen:
         events = self.page.evaluate("seen")
         return "\n".join([*(f"{'  ' if index < self.cursor else '> '}{json.dumps(event)}"
                             for index, event in enumerate(events)),
-                          "the last WebSocket frames:", *(f"  {way} {payload}" for way, payload in self.frames[-40:])])
+                          "the last WebSocket frames:", *(f"  {way} {payload}" for way, payload in self.frames[-40:]),
+                          *(f"uncaught in the page: {error}" for error in self.errors)])
 
 
 @dataclass
