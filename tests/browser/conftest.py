@@ -24,11 +24,10 @@ def node_args(page_origin: str) -> list[str]:
     """The settings every node of the browser tests gets, beside its listener and Redis.
 
     The pages come from `page_origin` (http://127.0.0.1:PORT) and connect to wss://localhost:OTHER-PORT: a
-    cross-origin WebSocket handshake. Once pushd checks Origin (issue 8, section 5: `--allowed-origins`, which
-    refuses an Origin naming another host than Host with 403 by default), that origin is allowed here, and only
-    here: `["--allowed-origins", page_origin]`. Until then there is nothing to add.
+    cross-origin WebSocket handshake, which pushd refuses with 403 unless `allowed-origins` names the page's origin
+    (docs/security.md). It is allowed here, and only here.
     """
-    return []
+    return ["--allowed-origins", page_origin]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -55,10 +55,6 @@ def test_receives_api_redis_and_broadcast_messages(shared: SharedNode, open_page
         "op": "broadcast", "broadcast": broadcast["id"], "data": "maintenance at 22:00"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pushd/tls.py direct_writer switches the TLS transport to unbuffered writes in onOpen while the 101 response is "
-    "still in Twisted's write aggregator, so a close sent at open (a refused ?token=) reaches the client before "
-    "the 101: Chromium reports 1006, not 4001 (the fix: flush the aggregator before switching)"))
 def test_a_refused_url_token_closes_with_4001(shared: SharedNode, open_page: OpenPage) -> None:
     page, seen = open_page("native.html")
     page.evaluate("url => { window.client = new PushdClient(url); client.connect(); }",
