@@ -152,3 +152,18 @@ def test_a_certificate_chromium_was_not_told_of_is_refused(tmp_path: Path, open_
     page.evaluate("url => { window.client = new PushdClient(url); client.hold(); client.connect(); }", stranger.url)
     assert seen.expect({"type": "close"}) == {"type": "close", "code": 1006, "reason": "", "clean": False}
     stranger.wait_for("SSL error: tls alert certificate unknown")
+
+
+def test_a_page_of_an_origin_the_node_does_not_allow_is_refused(tmp_path: Path, certificate: tuple[str, str],
+                                                                 open_page: OpenPage) -> None:
+    """Same-host by default (docs/security.md): the test pages' origin, http://127.0.0.1:PORT, is another host
+    than the node's wss://localhost, so a node that does not name it refuses the handshake with 403."""
+    key, cert = certificate
+    node = PushdProcess(tmp_path / "same-host", "--listen", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+                        listen=False).start()
+    page, seen = open_page("native.html")
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.evaluate("url => { window.client = new PushdClient(url); client.hold(); client.connect(); }", node.url)
+    assert seen.expect({"type": "close"}) == {"type": "close", "code": 1006, "reason": "", "clean": False}
+    assert any("403" in text for text in console), console
