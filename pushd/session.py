@@ -448,6 +448,13 @@ class Session:
         since = command.since.get(topic)
         if isinstance(result, Failure):
             self._services.log.warn("history read for {topic} failed: {error}", topic=topic, error=result.value)
+            if self._codec.positioned:
+                # Going live without a position would leave the client unable to recover later: it is refused
+                # with a temporary error instead, and the SDK subscribes again (and recovers) after a while.
+                self._services.hub.unsubscribe(self, (topic,))
+                self._send(Error(ErrorCode.INTERNAL_ERROR, "history could not be read; try again", command.id,
+                                 (topic,)))
+                return
             failure = "history could not be read; reload and subscribe again" if since is not None else None
             self._start(Started(command, topic, recovering=since is not None, failure=failure), held)
         elif isinstance(result, Replay):

@@ -109,7 +109,9 @@ def parse_command(line: bytes, limits: Limits) -> Command | Error:
     if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 < request_id <= MAX_ID:
         return Error(ErrorCode.BAD_REQUEST, "id must be an integer from 1 to 2^32-1", fatal=True)
     if len(methods) != 1:
-        return Error(ErrorCode.UNKNOWN_OP, f"a command names one method of {', '.join(_METHODS)}", request_id)
+        # Centrifugo disconnects a command it cannot dispatch (no method it knows, or several).
+        return Error(ErrorCode.BAD_REQUEST, f"a command names one method of {', '.join(_METHODS)}", request_id,
+                     fatal=True)
     method = methods[0]
     params = frame[method]
     if params is None:
@@ -293,7 +295,7 @@ class CentrifugoCodec:
 
     def close(self, reason: Disconnect, detail: str) -> tuple[int, str]:
         code, text = CLOSE_CODES[reason]
-        return code, text if not detail else f"{text}: {detail}"
+        return code, text if not detail or detail == text else f"{text}: {detail}"
 
 
 CODEC = CentrifugoCodec()
