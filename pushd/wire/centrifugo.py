@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from pushd import __version__
+from pushd.patterns import is_pattern
 from pushd.protocol import (
     Auth,
     Authenticated,
@@ -39,8 +40,8 @@ from pushd.protocol import (
     Unsubscribe,
     Unsubscribed,
     json_value,
-    subscription_error,
     token_error,
+    topic_error,
 )
 from pushd.recovery import Position, SeqSince, Since
 
@@ -137,7 +138,11 @@ def parse_command(line: bytes, limits: Limits) -> Command | Error:
     if method in ("presence", "sub_refresh"):
         return Error(ErrorCode.NOT_AVAILABLE, f"{method} is not available on pushd", request_id)
     channel = params.get("channel")
-    problem = subscription_error(channel, limits)
+    if isinstance(channel, str) and is_pattern(channel):
+        # The SDKs route a publication by its channel name, which would be the matched topic's, never the pattern.
+        return Error(ErrorCode.INVALID_TOPIC, f"channel {channel[:64]!r} is a pattern: pattern subscriptions need "
+                     "pushd's own protocol", request_id)
+    problem = topic_error(channel, limits)
     if problem is not None:
         return Error(ErrorCode.INVALID_TOPIC, f"channel: {problem}", request_id)
     assert isinstance(channel, str)

@@ -51,3 +51,11 @@ def publish_in_redis(redis_client: Any, topic: str, payload: str) -> int:
 def forget_history(redis_client: Any, topic: str) -> None:
     """What a Redis that lost its data does to a topic: its stream and its epoch are gone."""
     redis_client.delete(f"{PREFIX}history:{topic}", f"{PREFIX}meta:{topic}")
+
+
+def append_unpublished(redis_client: Any, topic: str, payload: str) -> int:
+    """A message that reached history but never the nodes (a publisher that died between the two, a lost
+    PUBLISH): the next message's offset jumps past it. Returns its offset."""
+    seq = int(redis_client.hincrby(f"{PREFIX}meta:{topic}", "seq", 1))
+    redis_client.xadd(f"{PREFIX}history:{topic}", {"d": payload, "n": seq})
+    return seq

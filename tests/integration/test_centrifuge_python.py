@@ -16,7 +16,7 @@ from typing import Any
 import centrifuge
 import pytest
 
-from tests.integration.sdk_node import SdkNode, forget_history, publish_in_redis, token
+from tests.integration.sdk_node import SdkNode, append_unpublished, forget_history, publish_in_redis, token
 
 WAIT = 15.0
 
@@ -185,6 +185,26 @@ def test_a_dropped_connection_reconnects_and_recovers_exactly_what_it_missed(tmp
         await events.wait("publication", 5)
         assert events.publications() == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
         assert len(events.of("connected")) == 2
+        await client.disconnect()
+
+    with SdkNode(tmp_path, redis_server.url) as node:
+        run(scenario)
+
+
+def test_a_message_the_node_never_got_makes_the_sdk_subscribe_again_and_recover_it(tmp_path, redis_server):
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        events, client, _, _ = await receiving(node, "quotes", "one")
+        assert append_unpublished(r, "quotes", '"missed"') == 2
+        assert publish_in_redis(r, "quotes", '"three"') == 3
+        [_, unsubscribed] = await events.wait("subscribing", 2)
+        assert (unsubscribed.code, unsubscribed.reason) == (2500, "insufficient state")
+        [_, again] = await events.wait("subscribed", 2)
+        assert (again.was_recovering, again.recovered) == (True, True)
+        await events.wait("publication", 3)
+        assert events.publications() == [("one", 1), ("missed", 2), ("three", 3)]
+        assert len(events.of("connected")) == 1
         await client.disconnect()
 
     with SdkNode(tmp_path, redis_server.url) as node:

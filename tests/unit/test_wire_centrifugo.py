@@ -156,6 +156,11 @@ def test_commands_of_one_frame_decode_in_order():
     ]
 
 
+def test_patterns_are_refused_even_where_pushds_own_protocol_allows_them():
+    [error] = centrifugo.parse_frame(b'{"id":1,"subscribe":{"channel":"sh600*"}}', Limits(allow_patterns=True))
+    assert isinstance(error, Error) and error.code == ErrorCode.INVALID_TOPIC and "own protocol" in error.message
+
+
 def test_history_limits_follow_centrifugo():
     [everything] = parse('{"id":1,"history":{"channel":"A","limit":-1}}')
     [position_only] = parse('{"id":2,"history":{"channel":"A"}}')
@@ -178,6 +183,7 @@ def test_frames_the_protocol_cannot_answer_close_the_connection(frame):
     ({"id": 9, "subscribe": {"channel": "a b"}}, 102),
     ({"id": 9, "subscribe": {"channel": "x" * 17}}, 102),
     ({"id": 9, "subscribe": {"channel": "sh*"}}, 102),
+    ({"id": 9, "history": {"channel": "sh[0-9]"}}, 102),
     ({"id": 9, "subscribe": {}}, 102),
     ({"id": 9, "subscribe": "A"}, 107),
     ({"id": 9, "subscribe": {"channel": "A", "recover": True, "offset": -1}}, 107),
