@@ -196,6 +196,15 @@ def _history(channel: str, params: dict[str, Any], request_id: int) -> HistoryRe
     return HistoryRead(channel, request_id, limit, since, reverse)
 
 
+def _data(payload: bytes) -> bytes:
+    """A payload as one line of JSON: the SDKs split each frame at newlines, one reply or push per line.
+
+    A raw newline in JSON text is whitespace between tokens (strings hold it escaped), so a space can stand in.
+    """
+    value = json_value(payload)
+    return value.replace(b"\n", b" ") if b"\n" in value else value
+
+
 def _encode(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -206,7 +215,7 @@ def _reply(request_id: RequestId, method: str, result: dict[str, Any]) -> bytes:
 
 def _publication(position: Position | None, payload: bytes) -> bytes:
     """A Publication object: {"data": ..., "offset": N} (no offset for a message without history)."""
-    data = b'{"data":' + json_value(payload)
+    data = b'{"data":' + _data(payload)
     if position is None or not position.seq:
         return data + b"}"
     return data + b',"offset":' + str(position.seq).encode() + b"}"
@@ -292,7 +301,7 @@ class CentrifugoCodec:
         return b'{"push":{"channel":"' + topic.encode() + b'","pub":' + _publication(position, payload) + b"}}"
 
     def message(self, payload: bytes) -> bytes:
-        return b'{"push":{"message":{"data":' + json_value(payload) + b"}}}"
+        return b'{"push":{"message":{"data":' + _data(payload) + b"}}}"
 
     def broadcast(self, broadcast_id: str, payload: bytes) -> bytes:
         # Centrifugo has no broadcast to every connection; its SDKs deliver this as a `message` event.

@@ -111,7 +111,7 @@ def test_connect_subscribe_receive_messages_broadcasts_history_and_presence(tmp_
         assert subscribed["streamPosition"]["offset"] == 0 and subscribed["streamPosition"]["epoch"]
 
         publish(node, "prices", {"p": 1})
-        eventually(lambda: r.publish("push:prices", '{"p":2}') == 1)
+        eventually(lambda: r.publish("push:prices", '{\n  "p": 2\n}') == 1)  # newlines inside the JSON
         client.wait("publication", 2)
         assert publications(client) == [({"p": 1}, 1), ({"p": 2}, None)]
 

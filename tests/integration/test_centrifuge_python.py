@@ -125,7 +125,7 @@ def test_connect_subscribe_and_receive_from_the_api_redis_and_a_broadcast(tmp_pa
         assert ctx.stream_position.offset == 0 and ctx.stream_position.epoch
 
         await publish(node, "prices", {"p": 1})
-        assert r.publish("push:prices", '{"p":2}') == 1
+        assert r.publish("push:prices", '{\n  "p": 2\n}') == 1  # pretty-printed: newlines inside the JSON
         await events.wait("publication", 2)
         status, broadcast = await asyncio.to_thread(node.api, "POST", "/api/broadcast", {"data": {"notice": 1}})
         assert status == 202

@@ -221,6 +221,16 @@ def test_publication_message_and_broadcast_pushes():
     assert json.loads(codec.broadcast("b1", b'"x"')) == {"push": {"message": {"data": "x"}}}
 
 
+def test_a_payload_with_newlines_stays_on_one_line_because_the_sdks_split_frames_at_newlines():
+    pretty = b'{\n  "text": "two\\nlines",\n  "n": [1,\n 2]\n}\n'
+    for text in (centrifugo.CODEC.publication("A", pretty, position(1)), centrifugo.CODEC.message(pretty),
+                 centrifugo.CODEC.publication("A", b"not json\nat all", None)):
+        assert b"\n" not in text
+    assert json.loads(centrifugo.CODEC.publication("A", pretty, position(1)))["push"]["pub"]["data"] == {
+        "text": "two\nlines", "n": [1, 2]}
+    assert json.loads(centrifugo.CODEC.message(b"not json\nat all"))["push"]["message"]["data"] == "not json\nat all"
+
+
 @pytest.mark.parametrize("reason, code, terminal", [
     ("SHUTDOWN", 3001, False), ("TOKEN_EXPIRED", 3005, False), ("STALE_TOKEN", 3005, False),
     ("NO_PONG", 3012, False), ("INVALID_TOKEN", 3500, True), ("BAD_REQUEST", 3501, True),
