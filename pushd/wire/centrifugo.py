@@ -52,6 +52,10 @@ MAX_HISTORY_LIMIT = 1000
 #: Offsets are uint64; JavaScript SDKs read them as numbers, exact below 2**53.
 MAX_OFFSET = 2**53 - 1
 
+#: Subscribe flag bits the SDKs send: 1 asks for numeric channel ids in pushes (pushd sends names, which the
+#: SDKs take as well), 2 asks for error 112 when a recovery cannot be served.
+FLAG_REJECT_UNRECOVERED = 2
+
 #: Centrifugo's error codes (its "client protocol codes"): code -> the message its SDKs and docs use.
 ERRORS = {
     ErrorCode.INTERNAL_ERROR: (100, "internal server error"),
@@ -162,7 +166,12 @@ def _subscribe(channel: str, params: dict[str, Any], request_id: int) -> Subscri
         if isinstance(position, Error):
             return position
         since[channel] = position
-    return Subscribe((channel,), request_id, since=since, position=True, exclusive=True)
+    flag = params.get("flag", 0)
+    if isinstance(flag, bool) or not isinstance(flag, int) or not 0 <= flag <= MAX_OFFSET:
+        return Error(ErrorCode.BAD_REQUEST, "flag must be a whole number from 0", request_id)
+    # An SDK with a getState callback asks for error 112 instead of `recovered: false`, to reload its state.
+    return Subscribe((channel,), request_id, since=since, position=True, exclusive=True,
+                     strict_recovery=bool(flag & FLAG_REJECT_UNRECOVERED))
 
 
 def _since(params: dict[str, Any], request_id: int, where: str) -> SeqSince | Error:

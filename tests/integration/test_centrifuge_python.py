@@ -211,6 +211,39 @@ def test_a_message_the_node_never_got_makes_the_sdk_subscribe_again_and_recover_
         run(scenario)
 
 
+def test_get_state_is_asked_again_when_the_position_it_gave_cannot_be_recovered(tmp_path, redis_server):
+    r = redis_server.client()
+
+    async def scenario() -> None:
+        await publish(node, "doc", "v1")
+        await publish(node, "doc", "v2")
+        asked: list[Any] = []
+
+        async def get_state(channel: str) -> Any:
+            # First the app's cached state, from a history Redis has lost since; then what it reloads.
+            asked.append(channel)
+            if len(asked) == 1:
+                return centrifuge.StreamPosition(offset=1, epoch="lost-epoch")
+            epoch, seq = r.hmget("pushd:meta:doc", "epoch", "seq")
+            return centrifuge.StreamPosition(offset=int(seq), epoch=epoch)
+
+        events = Events()
+        client = sdk_client(node, events, token=token("alice"))
+        await client.connect()
+        sub = client.new_subscription("doc", events=events, get_state=get_state, min_resubscribe_delay=0.05)
+        await sub.subscribe()
+        [ctx] = await events.wait("subscribed")
+        assert asked == ["doc", "doc"]
+        assert (ctx.was_recovering, ctx.recovered, ctx.stream_position.offset) == (True, True, 2)
+        await publish(node, "doc", "v3")
+        await events.wait("publication")
+        assert events.publications() == [("v3", 3)] and events.of("error") == []
+        await client.disconnect()
+
+    with SdkNode(tmp_path, redis_server.url) as node:
+        run(scenario)
+
+
 def test_a_restarted_node_with_the_same_redis_lets_the_sdk_recover(tmp_path, redis_server):
     r = redis_server.client()
     node = SdkNode(tmp_path, redis_server.url).start()

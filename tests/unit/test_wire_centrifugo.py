@@ -139,7 +139,7 @@ def test_commands_of_one_frame_decode_in_order():
     frame = "\n".join(json.dumps(c) for c in [
         {"id": 1, "connect": {"token": "t", "name": "js", "version": "5.8.0", "subs": {}}},
         {"id": 2, "subscribe": {"channel": "A", "flag": 1, "positioned": True, "recoverable": True}},
-        {"id": 3, "subscribe": {"channel": "B", "recover": True, "offset": 7, "epoch": "E"}},
+        {"id": 3, "subscribe": {"channel": "B", "recover": True, "offset": 7, "epoch": "E", "flag": 3}},
         {},
         {"id": 4, "history": {"channel": "A", "limit": 10, "since": {"offset": 2, "epoch": "E"}, "reverse": False}},
         {"id": 5, "presence_stats": {"channel": "A"}},
@@ -148,7 +148,7 @@ def test_commands_of_one_frame_decode_in_order():
     assert parse(frame) == [
         Connect("t", 1),
         Subscribe(("A",), 2, position=True, exclusive=True),
-        Subscribe(("B",), 3, since={"B": SeqSince(7, "E")}, position=True, exclusive=True),
+        Subscribe(("B",), 3, since={"B": SeqSince(7, "E")}, position=True, exclusive=True, strict_recovery=True),
         Pong(),
         HistoryRead("A", 4, 10, SeqSince(2, "E"), False),
         PresenceStats("A", 5),
@@ -189,6 +189,7 @@ def test_frames_the_protocol_cannot_answer_close_the_connection(frame):
     ({"id": 9, "subscribe": {"channel": "A", "recover": True, "offset": -1}}, 107),
     ({"id": 9, "subscribe": {"channel": "A", "recover": True, "offset": "7"}}, 107),
     ({"id": 9, "subscribe": {"channel": "A", "recover": True, "epoch": 5}}, 107),
+    ({"id": 9, "subscribe": {"channel": "A", "flag": "2"}}, 107),
     ({"id": 9, "history": {"channel": "A", "limit": -2}}, 107),
     ({"id": 9, "history": {"channel": "A", "reverse": "yes"}}, 107),
     ({"id": 9, "history": {"channel": "A", "since": 5}}, 107),
@@ -510,6 +511,19 @@ def test_a_lost_or_trimmed_history_is_not_recovered_and_the_client_gets_the_curr
                                             "was_recovering": True, "recovered": False}}
     node.publish("A", b"4", position(4))
     assert lines(client) == [pub("A", 4, 4)]
+
+
+def test_an_sdk_that_reloads_its_state_asks_for_error_112_instead_of_not_recovered():
+    node = MemoryNode(history=FakeHistory(A=[b"1", b"2"]))
+    client = connected(node)
+    assert send(client, {"id": 2, "subscribe": {"channel": "A", "recover": True, "offset": 1, "epoch": "OLD",
+                                                "flag": 3}}) == [
+        {"id": 2, "error": {"code": 112, "message": "history epoch changed (Redis lost it)"}}]
+    assert node.hub.subscriber_count("A") == 0
+    [reply] = send(client, {"id": 3, "subscribe": {"channel": "A", "recover": True, "offset": 1, "epoch": "E",
+                                                   "flag": 3}})
+    assert reply["subscribe"]["recovered"] is True and reply["subscribe"]["publications"] == [
+        {"data": 2, "offset": 2}]
 
 
 def test_a_failed_history_read_is_a_temporary_error_so_the_sdk_subscribes_again_later():
