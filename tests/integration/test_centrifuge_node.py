@@ -2,7 +2,8 @@
 `ws` client speaking pushd's own protocol.
 
 tests/js/centrifuge_client.mjs prints the SDK's events as JSON lines and takes commands on stdin; the test drives
-the node (HTTP API, Redis, drops, restarts) and checks the events. Waits are bounded; nothing is timed.
+the node (HTTP API, Redis, drops, restarts) and checks the events. Every wait is bounded, and no assertion is
+about time.
 """
 
 from __future__ import annotations
