@@ -16,7 +16,7 @@ from typing import Any, Self
 
 from tests import js
 from tests.integration.pushd_process import eventually
-from tests.integration.sdk_node import SECRET, SdkNode, forget_history, publish_in_redis, token
+from tests.integration.sdk_node import SECRET, SdkNode, append_unpublished, forget_history, publish_in_redis, token
 
 WAIT = 15.0
 
@@ -151,6 +151,17 @@ def test_a_dropped_connection_reconnects_and_recovers_exactly_what_it_missed(tmp
         publish(node, "orders", 5)
         client.wait("publication", 5)
         assert publications(client) == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
+
+        # A message that reached history but not the node: the next one's offset jumps, the node unsubscribes
+        # the SDK with 2500, and the SDK subscribes again and recovers it.
+        assert append_unpublished(redis_server.client(), "orders", "6") == 6
+        publish(node, "orders", 7)
+        [*_, gap] = client.wait("subscribing", 3)
+        assert gap["code"] == 2500
+        [*_, recovered] = client.wait("subscribed", 3)
+        assert (recovered["wasRecovering"], recovered["recovered"]) == (True, True)
+        client.wait("publication", 7)
+        assert publications(client)[5:] == [(6, 6), (7, 7)]
 
 
 def test_a_restarted_node_lets_the_sdk_recover_and_lost_history_is_not_recovered(tmp_path, redis_server):

@@ -12,7 +12,18 @@ from twisted.internet import defer
 
 from pushd.auth import Permissions, TokenVerifier
 from pushd.hub import FrameCache
-from pushd.protocol import Auth, Connect, Error, ErrorCode, HistoryRead, Limits, Pong, PresenceStats, Subscribe
+from pushd.protocol import (
+    Auth,
+    Connect,
+    Disconnect,
+    Error,
+    ErrorCode,
+    HistoryRead,
+    Limits,
+    Pong,
+    PresenceStats,
+    Subscribe,
+)
 from pushd.recovery import Position, SeqSince
 from pushd.redis.history import RecoveryFailed, Replay, StreamTop
 from pushd.session import AuthPolicy
@@ -238,8 +249,6 @@ def test_a_payload_with_newlines_stays_on_one_line_because_the_sdks_split_frames
     ("AUTH_REQUIRED", 3502, True),
 ])
 def test_close_codes_are_centrifugos_and_the_sdks_reconnect_after_the_non_terminal(reason, code, terminal):
-    from pushd.protocol import Disconnect
-
     got, text = centrifugo.CODEC.close(Disconnect[reason], "")
     assert got == code and text
     assert (3500 <= got < 4000) is terminal
