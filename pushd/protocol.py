@@ -79,6 +79,9 @@ class Subscribe:
     position: bool = False
     #: Subscribing to a topic the connection already has is an error, not a no-op.
     exclusive: bool = False
+    #: A recovery history cannot serve refuses the subscription (the client reloads its state and subscribes
+    #: again) instead of going live without what was missed.
+    strict_recovery: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -448,6 +448,12 @@ class Session:
         since = command.since.get(topic)
         if isinstance(result, Failure):
             self._services.log.warn("history read for {topic} failed: {error}", topic=topic, error=result.value)
+            if self._codec.positioned:
+                # Going live without a position would leave the client unable to recover later: it is refused
+                # with a temporary error instead, and the SDK subscribes again (and recovers) after a while.
+                self._withdraw(topic, Error(ErrorCode.INTERNAL_ERROR, "history could not be read; try again",
+                                            command.id, (topic,)))
+                return
             failure = "history could not be read; reload and subscribe again" if since is not None else None
             self._start(Started(command, topic, recovering=since is not None, failure=failure), held)
         elif isinstance(result, Replay):
@@ -456,6 +462,8 @@ class Session:
             fresh = stitch(since, [position for position, _ in result.entries], held)
             start = result.entries[0][0].seq - 1 if result.entries else result.top
             self._start(Started(command, topic, replay, (result.epoch, start), recovering=True), fresh)
+        elif isinstance(result, RecoveryFailed) and command.strict_recovery:
+            self._withdraw(topic, Error(ErrorCode.RECOVERY_FAILED, result.reason, command.id, (topic,)))
         elif isinstance(result, RecoveryFailed):
             top = (result.top.epoch, result.top.seq) if result.top is not None else None
             self._start(Started(command, topic, top=_before_held(top, held), recovering=True,
@@ -471,6 +479,11 @@ class Session:
             self._start(Started(command, topic, replay), held)
         else:
             self._start(Started(command, topic), held)
+
+    def _withdraw(self, topic: str, error: Error) -> None:
+        """Take back a subscription whose history read went wrong, and say why."""
+        self._services.hub.unsubscribe(self, (topic,))
+        self._send(error)
 
     def _start(self, started: Started, held: list[Held] | list[bytes]) -> None:
         frames = [item if isinstance(item, bytes) else item[1] for item in held]

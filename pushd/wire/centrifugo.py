@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from pushd import __version__
+from pushd.patterns import is_pattern
 from pushd.protocol import (
     Auth,
     Authenticated,
@@ -39,8 +40,8 @@ from pushd.protocol import (
     Unsubscribe,
     Unsubscribed,
     json_value,
-    subscription_error,
     token_error,
+    topic_error,
 )
 from pushd.recovery import Position, SeqSince, Since
 
@@ -50,6 +51,10 @@ MAX_ID = 2**32 - 1
 MAX_HISTORY_LIMIT = 1000
 #: Offsets are uint64; JavaScript SDKs read them as numbers, exact below 2**53.
 MAX_OFFSET = 2**53 - 1
+
+#: Subscribe flag bits the SDKs send: 1 asks for numeric channel ids in pushes (pushd sends names, which the
+#: SDKs take as well), 2 asks for error 112 when a recovery cannot be served.
+FLAG_REJECT_UNRECOVERED = 2
 
 #: Centrifugo's error codes (its "client protocol codes"): code -> the message its SDKs and docs use.
 ERRORS = {
@@ -109,7 +114,9 @@ def parse_command(line: bytes, limits: Limits) -> Command | Error:
     if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 < request_id <= MAX_ID:
         return Error(ErrorCode.BAD_REQUEST, "id must be an integer from 1 to 2^32-1", fatal=True)
     if len(methods) != 1:
-        return Error(ErrorCode.UNKNOWN_OP, f"a command names one method of {', '.join(_METHODS)}", request_id)
+        # Centrifugo disconnects a command it cannot dispatch (no method it knows, or several).
+        return Error(ErrorCode.BAD_REQUEST, f"a command names one method of {', '.join(_METHODS)}", request_id,
+                     fatal=True)
     method = methods[0]
     params = frame[method]
     if params is None:
@@ -135,7 +142,11 @@ def parse_command(line: bytes, limits: Limits) -> Command | Error:
     if method in ("presence", "sub_refresh"):
         return Error(ErrorCode.NOT_AVAILABLE, f"{method} is not available on pushd", request_id)
     channel = params.get("channel")
-    problem = subscription_error(channel, limits)
+    if isinstance(channel, str) and is_pattern(channel):
+        # The SDKs route a publication by its channel name, which would be the matched topic's, never the pattern.
+        return Error(ErrorCode.INVALID_TOPIC, f"channel {channel[:64]!r} is a pattern: pattern subscriptions need "
+                     "pushd's own protocol", request_id)
+    problem = topic_error(channel, limits)
     if problem is not None:
         return Error(ErrorCode.INVALID_TOPIC, f"channel: {problem}", request_id)
     assert isinstance(channel, str)
@@ -155,7 +166,12 @@ def _subscribe(channel: str, params: dict[str, Any], request_id: int) -> Subscri
         if isinstance(position, Error):
             return position
         since[channel] = position
-    return Subscribe((channel,), request_id, since=since, position=True, exclusive=True)
+    flag = params.get("flag", 0)
+    if isinstance(flag, bool) or not isinstance(flag, int) or not 0 <= flag <= MAX_OFFSET:
+        return Error(ErrorCode.BAD_REQUEST, "flag must be a whole number from 0", request_id)
+    # An SDK with a getState callback asks for error 112 instead of `recovered: false`, to reload its state.
+    return Subscribe((channel,), request_id, since=since, position=True, exclusive=True,
+                     strict_recovery=bool(flag & FLAG_REJECT_UNRECOVERED))
 
 
 def _since(params: dict[str, Any], request_id: int, where: str) -> SeqSince | Error:
@@ -189,6 +205,15 @@ def _history(channel: str, params: dict[str, Any], request_id: int) -> HistoryRe
     return HistoryRead(channel, request_id, limit, since, reverse)
 
 
+def _data(payload: bytes) -> bytes:
+    """A payload as one line of JSON: the SDKs split each frame at newlines, one reply or push per line.
+
+    A raw newline in JSON text is whitespace between tokens (strings hold it escaped), so a space can stand in.
+    """
+    value = json_value(payload)
+    return value.replace(b"\n", b" ") if b"\n" in value else value
+
+
 def _encode(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -199,7 +224,7 @@ def _reply(request_id: RequestId, method: str, result: dict[str, Any]) -> bytes:
 
 def _publication(position: Position | None, payload: bytes) -> bytes:
     """A Publication object: {"data": ..., "offset": N} (no offset for a message without history)."""
-    data = b'{"data":' + json_value(payload)
+    data = b'{"data":' + _data(payload)
     if position is None or not position.seq:
         return data + b"}"
     return data + b',"offset":' + str(position.seq).encode() + b"}"
@@ -285,7 +310,7 @@ class CentrifugoCodec:
         return b'{"push":{"channel":"' + topic.encode() + b'","pub":' + _publication(position, payload) + b"}}"
 
     def message(self, payload: bytes) -> bytes:
-        return b'{"push":{"message":{"data":' + json_value(payload) + b"}}}"
+        return b'{"push":{"message":{"data":' + _data(payload) + b"}}}"
 
     def broadcast(self, broadcast_id: str, payload: bytes) -> bytes:
         # Centrifugo has no broadcast to every connection; its SDKs deliver this as a `message` event.
@@ -293,7 +318,7 @@ class CentrifugoCodec:
 
     def close(self, reason: Disconnect, detail: str) -> tuple[int, str]:
         code, text = CLOSE_CODES[reason]
-        return code, text if not detail else f"{text}: {detail}"
+        return code, text if not detail or detail == text else f"{text}: {detail}"
 
 
 CODEC = CentrifugoCodec()
