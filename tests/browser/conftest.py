@@ -30,7 +30,7 @@ def node_args(page_origin: str) -> list[str]:
     return ["--allowed-origins", page_origin]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def chromium() -> str:
     """Path of the system Chromium; a missing one skips (fails with CI=true) naming the command that installs it.
 
@@ -43,7 +43,7 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(key, cert): the certificate pushd generates for localhost, shared by every node of the run.
 
@@ -52,9 +52,13 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return ensure_localhost_certificate(str(tmp_path_factory.mktemp("browser-certs")))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(chromium: str, certificate: tuple[str, str]) -> Iterator[Any]:
-    """One headless Chromium for the whole run, trusting pushd's certificate key and nothing else that is bad."""
+    """One headless Chromium for the browser tests, trusting pushd's certificate key and nothing else that is bad.
+
+    Package scope, not session: Playwright's sync API keeps an asyncio loop running in this thread until it stops,
+    and the tests after these run loops of their own (asyncio.run refuses to start inside a running one).
+    """
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -67,7 +71,7 @@ def browser(chromium: str, certificate: tuple[str, str]) -> Iterator[Any]:
             launched.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def page_server() -> Iterator[PageServer]:
     """The HTTP server of the test pages."""
     server = PageServer().start()
@@ -77,7 +81,7 @@ def page_server() -> Iterator[PageServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def centrifuge_bundle(page_server: PageServer) -> None:
     """The official centrifuge SDK's browser bundle from tests/js (npm ci on first use), at /centrifuge.js."""
     page_server.add("/centrifuge.js", node_modules() / "centrifuge" / "dist" / "centrifuge.js")
@@ -109,7 +113,7 @@ def node_process(workdir: Path, certificate: tuple[str, str], page_origin: str, 
                         redis=redis.url, listen=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def shared(tmp_path_factory: pytest.TempPathFactory, certificate: tuple[str, str], page_server: PageServer,
            redis_binary: str) -> Iterator[SharedNode]:
     """One node and Redis for the tests that neither stop the node nor need settings of their own.
