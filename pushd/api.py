@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from pushd import protocol
+from pushd import api_centrifugo, protocol
 from pushd.origins import EMPTY, OriginPolicy
 from pushd.recovery import Position
 
@@ -264,6 +264,18 @@ def _disconnect_user(call: Call) -> Deferred[Reply]:
         lambda nodes: (200, {"user": user, "nodes": nodes}))
 
 
+def _centrifugo(call: Call) -> Deferred[Reply]:
+    method = _identifier(call.params, "method")
+
+    def refused(failure: Failure) -> Reply:
+        failure.trap(api_centrifugo.CentrifugoError)
+        refusal: api_centrifugo.CentrifugoError = failure.value  # type: ignore[assignment]
+        return 200, refusal.reply()
+
+    return maybeDeferred(api_centrifugo.call, method, call.body, call.backend, call.limits).addCallbacks(
+        lambda reply: (200, reply), refused).addErrback(_unavailable, f"centrifugo {method}")
+
+
 def _openapi_document(call: Call) -> Reply:
     # Imported here because pushd.openapi builds its document from ROUTES, defined below.
     from pushd.openapi import document
@@ -287,6 +299,8 @@ ROUTES: tuple[Route, ...] = (
           "Close one connection, wherever it is"),
     Route("DELETE", "/api/users/{user}/connections", "disconnectUser", _disconnect_user,
           "Close every connection of one user, on every node"),
+    Route("POST", "/api/centrifugo/{method}", "centrifugo", _centrifugo,
+          "Centrifugo's server API (publish, broadcast, disconnect, channels), for clients written for Centrifugo"),
     Route("GET", "/api/openapi.json", "openapi", _openapi_document,
           "This API's OpenAPI document (no key needed)", auth=False),
 )
@@ -421,12 +435,13 @@ def _finite_float(text: str) -> float:
 def _ask(what: str, method: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
     """Call the backend; a failure (raised or in the Deferred) is logged and becomes 503 unavailable."""
 
-    def unavailable(failure: Failure) -> Failure:
-        _log.failure("API backend call {what} failed", failure, what=what)
-        return Failure(ApiError(503, ErrorCode.UNAVAILABLE,
-                                f"the push cluster did not answer ({what.replace('_', ' ')}); try again"))
+    return maybeDeferred(method, *args).addErrback(_unavailable, what)
 
-    return maybeDeferred(method, *args).addErrback(unavailable)
+
+def _unavailable(failure: Failure, what: str) -> Failure:
+    _log.failure("API backend call {what} failed", failure, what=what)
+    return Failure(ApiError(503, ErrorCode.UNAVAILABLE,
+                            f"the push cluster did not answer ({what.replace('_', ' ')}); try again"))
 
 
 # The web layer: one leaf resource that matches ROUTES, checks keys and limits, and writes JSON.
@@ -539,10 +554,8 @@ class ApiResource(Resource):
     def _authorize(self, request: server.Request) -> None:
         if not self._keys:
             return
-        header = request.getHeader(b"authorization")
-        scheme, _, token = (header or b"").partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
+        token = _presented_key(request)
+        if token is None:
             raise ApiError(401, ErrorCode.UNAUTHORIZED, "an API key is required: send Authorization: Bearer <key>",
                            {"WWW-Authenticate": 'Bearer realm="pushd"'})
         # Compare with every key, so the time taken does not tell which key came close.
@@ -610,6 +623,16 @@ def _preflight(path: str) -> _Response:
     return _Response(204, b"", {"Access-Control-Allow-Methods": ", ".join(methods),
                                 "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
                                 "Access-Control-Max-Age": str(CORS_MAX_AGE)})
+
+
+def _presented_key(request: server.Request) -> bytes | None:
+    """The key a request presents: `Authorization: Bearer <key>`, or as Centrifugo's clients send it
+    (`Authorization: apikey <key>`, `X-API-Key: <key>`; pushd/api_centrifugo.py)."""
+    header = request.getHeader(b"authorization")
+    if header is None:
+        header = b"bearer " + (request.getHeader(b"x-api-key") or b"")
+    scheme, _, key = header.partition(b" ")
+    return key.strip() or None if scheme.lower() in (b"bearer", b"apikey") else None
 
 
 def _match(method: str, path: str) -> tuple[Route, dict[str, str]]:

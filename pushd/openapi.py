@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pushd import __version__, api, protocol
+from pushd import __version__, api, api_centrifugo, protocol
 
 Schema = dict[str, Any]
 
@@ -79,6 +79,14 @@ SCHEMAS: dict[str, Schema] = {
     "Nodes": _object({"nodes": {"type": "array", "items": {"type": "object", "additionalProperties": True}}}),
     "Disconnected": _object({"disconnected": {"const": True}}),
     "OpenApiDocument": {"type": "object", "description": "This document."},
+    "CentrifugoParams": {"type": "object", "additionalProperties": True,
+                         "description": "The method's params as Centrifugo's server API defines them (publish: "
+                                        "channel, data; broadcast: channels, data; disconnect: user, client, "
+                                        "disconnect; channels: pattern)."},
+    "CentrifugoReply": {"type": "object", "additionalProperties": True,
+                        "description": "{\"result\": ...} as Centrifugo answers, or {\"error\": {\"code\", "
+                                       "\"message\"}} with Centrifugo's numeric codes (104 no such method, 107 bad "
+                                       "request, 108 not available in pushd, 102 bad channel)."},
 }
 
 _ID_RULES = f"Percent-decoded; non-empty, at most {api.MAX_ID_LENGTH} characters, no '/' or control characters."
@@ -92,6 +100,9 @@ PARAMETERS: dict[str, Schema] = {
            "description": f"A broadcast id. {_ID_RULES}"},
     "topic": {"name": "topic", "in": "path", "required": True, "schema": _schema("Topic"),
               "description": "A topic name, percent-decoded; a '/' in it may be sent as is or as %2F."},
+    "method": {"name": "method", "in": "path", "required": True,
+               "schema": {"type": "string", "enum": sorted(api_centrifugo.METHODS)},
+               "description": "A method of Centrifugo's server API."},
     "code": {"name": "code", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": api.CLOSE_CODES.start, "maximum": api.CLOSE_CODES.stop - 1,
                         "default": api.DEFAULT_CLOSE_CODE},
@@ -153,6 +164,8 @@ OPERATIONS: dict[str, _Operation] = {
                                        query=("code", "reason"), not_found=True),
     "disconnectUser": _Operation({200: ("The nodes were told to close the user's connections.", "UserNodes")},
                                  query=("code", "reason")),
+    "centrifugo": _Operation({200: ("The method's result, or its refusal, as Centrifugo answers.",
+                                    "CentrifugoReply")}, request="CentrifugoParams"),
     "openapi": _Operation({200: ("This document.", "OpenApiDocument")}, backend=False),
 }
 

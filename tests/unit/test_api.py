@@ -587,6 +587,7 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "nodes": ("GET", "/api/nodes", None),
     "disconnectConnection": ("DELETE", "/api/connections/c", None),
     "disconnectUser": ("DELETE", "/api/users/u/connections", None),
+    "centrifugo": ("POST", "/api/centrifugo/publish", {"channel": "t", "data": 1}),
 }
 
 
@@ -757,3 +758,77 @@ def test_requests_are_logged_to_the_access_log_only_when_one_is_configured(tmp_p
         finally:
             site.stopFactory()
     assert re.search(r'"GET /api/nodes HTTP/1.1" \d{3} ', path.read_text())
+
+
+# Centrifugo's server API (pushd/api_centrifugo.py): what its `cent` clients send and parse.
+
+
+def centrifugo_api() -> Api:
+    api = Api()
+    api.backend.answers["publish"] = lambda messages: [
+        Position(f"{i + 7}-0", "e1", seq=i + 7) if topic != "plain" else None for i, (topic, _) in enumerate(messages)]
+    return api
+
+
+def test_centrifugo_publish_answers_the_offset_as_the_topics_message_number():
+    api = centrifugo_api()
+    answer = api.request("POST", "/api/centrifugo/publish", {"channel": "chat", "data": {"text": "hi"}},
+                         key=None, headers={"X-API-Key": KEY})
+    assert (answer.status, answer.json) == (200, {"result": {"offset": 7, "epoch": "e1"}})
+    assert api.backend.calls == [("publish", [("chat", b'{"text":"hi"}')])]
+    assert api.request("POST", "/api/centrifugo/publish", {"channel": "plain", "data": 1}).json == {"result": {}}
+
+
+def test_centrifugo_broadcast_publishes_one_message_to_each_channel():
+    api = centrifugo_api()
+    answer = api.request("POST", "/api/centrifugo/broadcast", {"channels": ["a", "b"], "data": 1},
+                         key=None, headers={"Authorization": f"apikey {KEY}"})
+    assert answer.json == {"result": {"responses": [{"result": {"offset": 7, "epoch": "e1"}},
+                                                    {"result": {"offset": 8, "epoch": "e1"}}]}}
+    assert api.backend.calls == [("publish", [("a", b"1"), ("b", b"1")])]
+
+
+def test_centrifugo_disconnect_closes_a_user_or_one_connection():
+    api = centrifugo_api()
+    assert api.request("POST", "/api/centrifugo/disconnect", {"user": "u1"}).json == {"result": {}}
+    assert api.request("POST", "/api/centrifugo/disconnect", {
+        "user": "u1", "client": "n:3", "disconnect": {"code": 4500, "reason": "banned"}}).json == {"result": {}}
+    assert api.backend.calls == [("disconnect_user", "u1", 4000, "disconnected by the server"),
+                                 ("disconnect_connection", "n:3", 4500, "banned")]
+
+
+def test_centrifugo_channels_filters_by_pattern():
+    api = centrifugo_api()
+    assert api.request("POST", "/api/centrifugo/channels", {}).json == {
+        "result": {"channels": {"chat": {"num_clients": 3}, "news": {"num_clients": 1}}}}
+    assert api.request("POST", "/api/centrifugo/channels", {"pattern": "c*"}).json == {
+        "result": {"channels": {"chat": {"num_clients": 3}}}}
+
+
+@pytest.mark.parametrize(("path", "body", "code"), [
+    ("/api/centrifugo/presence", {"channel": "chat"}, 104),
+    ("/api/centrifugo/publish", {"channel": "chat"}, 107),
+    ("/api/centrifugo/publish", {"channel": "chat", "data": 1, "colour": "red"}, 107),
+    ("/api/centrifugo/publish", {"channel": "chat", "data": 1, "b64data": "AA=="}, 108),
+    ("/api/centrifugo/publish", {"channel": "chat", "data": 1, "skip_history": True}, 108),
+    ("/api/centrifugo/publish", {"channel": "a b", "data": 1}, 102),
+    ("/api/centrifugo/publish", {"channel": "news.*", "data": 1}, 102),
+    ("/api/centrifugo/broadcast", {"channels": [], "data": 1}, 107),
+    ("/api/centrifugo/disconnect", {"client": "n:3"}, 107),
+    ("/api/centrifugo/disconnect", {"user": "u", "disconnect": {"code": 1000}}, 107),
+])
+def test_centrifugo_refusals_are_its_error_replies_and_nothing_is_sent(path, body, code):
+    api = centrifugo_api()
+    answer = api.request("POST", path, body)
+    assert answer.status == 200 and answer.json["error"]["code"] == code, answer.json
+    assert answer.json["error"]["message"]
+    assert api.backend.calls == []
+
+
+def test_centrifugo_api_needs_the_key_like_every_route():
+    api = centrifugo_api()
+    answer = api.request("POST", "/api/centrifugo/publish", {"channel": "c", "data": 1}, key=None,
+                         headers={"X-API-Key": "wrong"})
+    assert answer.status == 401
+    assert api.request("POST", "/api/centrifugo/publish", {"channel": "c", "data": 1}, key=None).status == 401
+    assert api.backend.calls == []
