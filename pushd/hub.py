@@ -108,6 +108,9 @@ class Hub:
     def __init__(self, observer: MembershipObserver | None = None) -> None:
         self.observer: MembershipObserver = observer or _NoObserver()
         self._topics: dict[str, set[Subscriber]] = {}
+        #: The same exact subscriptions grouped by wire variant: the hot path writes each group one frame, with no
+        #: per-subscriber lookup of which frame it needs.
+        self._by_wire: dict[str, dict[Wire, set[Subscriber]]] = {}
         self._patterns: PatternIndex[Subscriber] = PatternIndex()
         self._connections: dict[str, Subscriber] = {}
         self._users: dict[str, set[Subscriber]] = {}
@@ -203,6 +206,7 @@ class Hub:
             self._topics[topic] = {conn}
         else:
             subscribers.add(conn)
+        self._by_wire.setdefault(topic, {}).setdefault(conn.wire, set()).add(conn)
 
     def unsubscribe(self, conn: Subscriber, topics: Iterable[str]) -> tuple[str, ...]:
         """Remove subscriptions; returns the topics the connection actually had."""
@@ -226,8 +230,15 @@ class Hub:
         subscribers = self._topics.get(topic)
         if subscribers is not None:
             subscribers.discard(conn)
+            groups = self._by_wire[topic]
+            group = groups.get(conn.wire)
+            if group is not None:
+                group.discard(conn)
+                if not group:
+                    del groups[conn.wire]
             if not subscribers:
                 del self._topics[topic]
+                del self._by_wire[topic]
                 self._positions.pop(topic, None)
 
     def _recipients(self, topic: str) -> set[Subscriber] | None:
@@ -278,7 +289,7 @@ class Hub:
         if self._batch is not None:
             self._batch.append(publication)
             return len(subscribers)
-        self._write_all(tuple(subscribers), publication.frame, 1)
+        self._write_groups(topic, subscribers, publication.frame, 1)
         return len(subscribers)
 
     def _lost(self, topic: str) -> None:
@@ -303,8 +314,8 @@ class Hub:
         if all(publication.topic == first_topic for publication in batch):
             subscribers = self._recipients(first_topic)
             if subscribers:
-                self._write_all(tuple(subscribers),
-                                lambda wire: b"".join(publication.frame(wire) for publication in batch), len(batch))
+                self._write_groups(first_topic, subscribers,
+                                   lambda wire: b"".join(publication.frame(wire) for publication in batch), len(batch))
             return
         pending: dict[Subscriber, list[bytes]] = {}
         for publication in batch:
@@ -319,16 +330,29 @@ class Hub:
             if conn.write(b"".join(frames)):
                 self.delivered += len(frames)
 
-    def _write_all(self, subscribers: tuple[Subscriber, ...], frame_for: Callable[[Wire], bytes],
-                   messages: int) -> None:
+    def _write_groups(self, topic: str, subscribers: set[Subscriber], frame_for: Callable[[Wire], bytes],
+                      messages: int) -> None:
+        """Write each subscriber the frame of its wire: per wire group when `subscribers` are the topic's exact
+        subscribers (the common case), else (patterns matched too) looking each one's wire up."""
+        if subscribers is self._topics.get(topic):
+            for wire, group in tuple(self._by_wire[topic].items()):
+                self._write_each(tuple(group), frame_for(wire), messages)
+            return
         frames: dict[Wire, bytes] = {}
         written = 0
-        for conn in subscribers:
+        for conn in tuple(subscribers):
             wire = conn.wire
             frame = frames.get(wire)
             if frame is None:
                 frame = frames[wire] = frame_for(wire)
             if conn.write(frame):
+                written += 1
+        self.delivered += written * messages
+
+    def _write_each(self, subscribers: tuple[Subscriber, ...], data: bytes, messages: int) -> None:
+        written = 0
+        for conn in subscribers:
+            if conn.write(data):
                 written += 1
         self.delivered += written * messages
 
