@@ -11,6 +11,7 @@ client's frames are checked: each got every message once, in its own protocol.
 
     python bench/encode_count.py                          # 1,000 subscribers, 100 messages per case
     python bench/encode_count.py --subscribers 10000 --messages 20
+    python bench/encode_count.py --time                   # also: microseconds per encode, per wire
 
 Exit status 0 when every case encoded exactly once per message per protocol present and every client got
 everything; 1 otherwise.
@@ -19,8 +20,11 @@ everything; 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import sys
+import timeit
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +39,7 @@ from pushd.hub import FrameCache
 from pushd.recovery import Position
 from pushd.testing import MemoryClient, MemoryNode
 from pushd.wire import centrifugo, native
+from pushd.ws import CENTRIFUGO, NATIVE
 
 TOPIC = "t0"
 PATHS = {"pushd": "/ws", "centrifugo": "/connection/websocket"}
@@ -159,17 +164,32 @@ def run(subscribers: int, messages: int) -> tuple[list[dict[str, Any]], bool]:
     return rows, ok
 
 
+def encode_cost(calls: int = 20_000, repeats: int = 7) -> dict[str, float]:
+    """Microseconds one publication frame takes to make, per wire (median of `repeats` runs of `calls`)."""
+    payload = json.dumps({"s": 1, "p": "x" * 40}).encode()
+    position = Position("1700000000000-1", "1700000000000000", 1)
+    costs = {}
+    for wire in (NATIVE, CENTRIFUGO):
+        runs = timeit.repeat(functools.partial(wire.publication, TOPIC, payload, position), number=calls,
+                             repeat=repeats)
+        costs[wire.name] = round(statistics.median(runs) / calls * 1e6, 2)
+    return costs
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subscribers", type=int, default=1000, help="subscribers of the one topic (at least 2)")
     p.add_argument("--messages", type=int, default=100, help="messages per case")
+    p.add_argument("--time", action="store_true",
+                   help="also time one publication encode per wire (a 64-byte JSON payload with a position)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = p.parse_args(argv)
     if args.subscribers < 2 or args.messages < 1:
         p.error("--subscribers must be at least 2 and --messages at least 1")
+    costs = encode_cost() if args.time else None  # before the counters wrap the encoders
     rows, ok = run(args.subscribers, args.messages)
     if args.json:
-        print(json.dumps({"ok": ok, "rows": rows}, indent=2))
+        print(json.dumps({"ok": ok, "rows": rows, "encode_us": costs}, indent=2))
         return 0 if ok else 1
     print(f"{'clients':<16} {'case':<52} {'subscribers':>22} {'encodes':>26} {'deliveries':>10}  ok")
     for row in rows:
@@ -178,6 +198,9 @@ def main(argv: list[str]) -> int:
         good = row["every_client_got_every_message"] and row["one_encode_per_message_per_wire"]
         print(f"{row['mix']:<16} {row['case']:<52} {subs:>22} {encodes:>26} {row['deliveries']:>10,}  "
               f"{'yes' if good else 'NO'}")
+    if costs is not None:
+        print("one publication frame (WebSocket header included): "
+              + ", ".join(f"{wire} {us} µs" for wire, us in costs.items()))
     return 0 if ok else 1
 
 
