@@ -6,7 +6,9 @@
 Each argument is NAME=GLOB; every results file the glob matches is one run of that group. For each scenario
 it prints, per group, the number of runs and the median of: deliveries/s (throughput scenarios), p50 / p99
 latency in ms (latency scenarios, also per protocol when the clients mixed them), pushd's CPU % in the
-measured window, and the range of the load average (1 minute) at the scenarios' start. A run that broke is
+measured window, deliveries per second of pushd's CPU (throughput scenarios: what a closed loop limited by
+the load generator still says about pushd), and the range of the load average (1 minute) at the scenarios'
+start. A run that broke is
 left out of the medians and counted.
 """
 
@@ -56,6 +58,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             by_protocol[name]["p99"].append(lat["p99_ms"])
     row["by_protocol"] = {name: {k: _median(v) for k, v in values.items()} for name, values in by_protocol.items()}
     row["pushd_cpu_pct"] = _median([r["cpu_pct"]["pushd"] for r in good if r.get("cpu_pct")])
+    # throughput per unit of pushd's CPU: what a closed loop bound by the client still says about pushd
+    row["per_cpu_s"] = _median([r["loadgen"]["deliveries_per_s"] / (r["cpu_pct"]["pushd"] / 100) for r in good
+                                if r["loadgen"].get("mode") == "throughput" and r.get("cpu_pct")
+                                and r["cpu_pct"]["pushd"] > 0])
     row["lost"] = sum(x.get("lost", 0) for x in lg)
     loads = [r["load_average"][0] for r in results if r.get("load_average")]
     row["load_1min"] = (min(loads), max(loads)) if loads else None
@@ -80,7 +86,7 @@ def main(argv: list[str]) -> int:
     scenarios = list(dict.fromkeys(name for _, runs, _ in groups for name in runs))
     print("group: files  " + "  ".join(f"{name}: {files}" for name, _, files in groups))
     header = f"{'scenario':<36} {'group':<12} {'runs':>4} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} " \
-             f"{'pushd CPU %':>11} {'lost':>5} {'load 1m':>11}  per protocol p50 / p99 ms"
+             f"{'pushd CPU %':>11} {'per CPU-s':>10} {'lost':>5} {'load 1m':>11}  per protocol p50 / p99 ms"
     print(header)
     print("-" * len(header))
     for scenario in scenarios:
@@ -94,6 +100,7 @@ def main(argv: list[str]) -> int:
             broken = f" (+{row['broken']} broken)" if row["broken"] else ""
             print(f"{scenario:<36} {name:<12} {row['runs']:>4} {_fmt(row['deliveries_per_s']):>13} "
                   f"{_fmt(row['p50_ms'], 2):>8} {_fmt(row['p99_ms'], 1):>8} {_fmt(row['pushd_cpu_pct'], 0):>11} "
+                  f"{_fmt(row['per_cpu_s']):>10} "
                   f"{row['lost']:>5} {(f'{load[0]:.1f}-{load[1]:.1f}' if load else '-'):>11}  {split}{broken}")
     return 0
 
