@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The hub's own CPU time per delivery, without sockets: what the hot path costs before any write.
 
-N subscribers of one topic whose `write` does nothing get M messages through `Hub.publish`, one at a time
-and in batches of 32 (`begin_batch`/`flush`, as the Redis listener hands them over); the process CPU time per
-delivery is reported (median of --repeat runs). `--source DIR` measures the pushd found in DIR, so two
+N subscribers whose `write` does nothing get M messages through `Hub.publish`: all on one topic, one at a
+time and in batches of 32 (`begin_batch`/`flush`, as the Redis listener hands them over); and spread over 32
+topics, a batch holding one message of each (the latency scenario's shape: each subscriber gets one message
+of the batch, the hub's per-connection path). The process CPU time per delivery is reported (median of
+--repeat runs). `--source DIR` measures the pushd found in DIR, so two
 commits compare on the same machine within a minute, e.g. before and after the Session/codec split:
 
     git worktree add /tmp/base 8b820c9
@@ -57,8 +59,8 @@ def wires(percent: int) -> tuple[Any, Any]:
     return NATIVE, CENTRIFUGO
 
 
-def measure(subscribers: int, messages: int, batch: int, percent: int) -> float:
-    """CPU nanoseconds per delivery for `messages` publications to `subscribers`."""
+def measure(subscribers: int, messages: int, batch: int, percent: int, topics: int = 1) -> float:
+    """CPU nanoseconds per delivery for `messages` publications to `subscribers` spread over `topics`."""
     from pushd.hub import Hub
     from pushd.recovery import Position
 
@@ -69,7 +71,7 @@ def measure(subscribers: int, messages: int, batch: int, percent: int) -> float:
         wire = centrifugo if ((i + 1) * percent) // 100 > (i * percent) // 100 else native
         conn = Subscriber(f"n:{i}", wire)
         hub.add(conn)
-        hub.subscribe(conn, ["t0"])
+        hub.subscribe(conn, [f"t{i % topics}"])
     payloads = [json.dumps({"s": s, "p": "x" * 40}).encode() for s in range(messages)]
     try:
         positions = [Position(f"1700000000000-{s}", "1700000000000000", s + 1) for s in range(messages)]
@@ -80,19 +82,20 @@ def measure(subscribers: int, messages: int, batch: int, percent: int) -> float:
         if batch > 1:
             hub.begin_batch()
         for s in range(first, min(messages, first + batch)):
-            hub.publish("t0", payloads[s], positions[s])
+            hub.publish(f"t{s % topics}", payloads[s], positions[s // topics])
         if batch > 1:
             hub.flush()
     elapsed = time.process_time() - start
-    assert hub.delivered == subscribers * messages, (hub.delivered, subscribers * messages)
-    return elapsed / (subscribers * messages) * 1e9
+    deliveries = sum(hub.subscriber_count(f"t{s % topics}") for s in range(messages))
+    assert hub.delivered == deliveries, (hub.delivered, deliveries)
+    return elapsed / deliveries * 1e9
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=str(ROOT), help="directory holding the pushd package to measure")
     p.add_argument("--subscribers", type=int, default=10_000)
-    p.add_argument("--messages", type=int, default=200)
+    p.add_argument("--messages", type=int, default=256, help="messages per run (a multiple of 32)")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--centrifugo-percent", type=int, default=0, choices=(0, 50, 100))
     args = p.parse_args(argv)
@@ -100,8 +103,11 @@ def main(argv: list[str]) -> int:
     import pushd
 
     results = {}
-    for name, batch in (("one message per write", 1), ("32 messages per write", 32)):
-        runs = [measure(args.subscribers, args.messages, batch, args.centrifugo_percent) for _ in range(args.repeat)]
+    cases = (("one topic, one message per write", 1, 1), ("one topic, 32 messages per write", 32, 1),
+             ("32 topics, a batch of one message each", 32, 32))
+    for name, batch, topics in cases:
+        runs = [measure(args.subscribers, args.messages, batch, args.centrifugo_percent, topics)
+                for _ in range(args.repeat)]
         results[name] = {"median_ns": round(statistics.median(runs), 1), "min_ns": round(min(runs), 1)}
     print(f"pushd from {Path(pushd.__file__).parent}, {args.subscribers} subscribers "
           f"({args.centrifugo_percent}% on Centrifugo's wire), {args.messages} messages, {args.repeat} runs:")
