@@ -7,7 +7,8 @@ Each argument is NAME=GLOB; every results file the glob matches is one run of th
 it prints, per group, the number of runs and the median of: deliveries/s (throughput scenarios), p50 / p99
 latency in ms (latency scenarios, also per protocol when the clients mixed them), pushd's CPU % in the
 measured window, deliveries per second of pushd's CPU (throughput scenarios: what a closed loop limited by
-the load generator still says about pushd), and the range of the load average (1 minute) at the scenarios'
+the load generator still says about pushd), the load generator's worst publishing lag (latency scenarios:
+seconds here mean its own core was starved, and the latency measures the harness), and the range of the load average (1 minute) at the scenarios'
 start. A run that broke is
 left out of the medians and counted.
 """
@@ -63,6 +64,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                                 if r["loadgen"].get("mode") == "throughput" and r.get("cpu_pct")
                                 and r["cpu_pct"]["pushd"] > 0])
     row["lost"] = sum(x.get("lost", 0) for x in lg)
+    # latency: how late the load generator's own publishing timer fell (a starved client core shows here)
+    row["pacing_lag_ms"] = _median([x["pacing_max_lag_ms"] for x in lg if x.get("pacing_max_lag_ms") is not None])
     loads = [r["load_average"][0] for r in results if r.get("load_average")]
     row["load_1min"] = (min(loads), max(loads)) if loads else None
     return row
@@ -86,7 +89,7 @@ def main(argv: list[str]) -> int:
     scenarios = list(dict.fromkeys(name for _, runs, _ in groups for name in runs))
     print("group: files  " + "  ".join(f"{name}: {files}" for name, _, files in groups))
     header = f"{'scenario':<36} {'group':<12} {'runs':>4} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} " \
-             f"{'pushd CPU %':>11} {'per CPU-s':>10} {'lost':>5} {'load 1m':>11}  per protocol p50 / p99 ms"
+             f"{'pushd CPU %':>11} {'per CPU-s':>10} {'pub lag ms':>10} {'lost':>5} {'load 1m':>11}  per protocol p50 / p99 ms"
     print(header)
     print("-" * len(header))
     for scenario in scenarios:
@@ -100,7 +103,7 @@ def main(argv: list[str]) -> int:
             broken = f" (+{row['broken']} broken)" if row["broken"] else ""
             print(f"{scenario:<36} {name:<12} {row['runs']:>4} {_fmt(row['deliveries_per_s']):>13} "
                   f"{_fmt(row['p50_ms'], 2):>8} {_fmt(row['p99_ms'], 1):>8} {_fmt(row['pushd_cpu_pct'], 0):>11} "
-                  f"{_fmt(row['per_cpu_s']):>10} "
+                  f"{_fmt(row['per_cpu_s']):>10} {_fmt(row['pacing_lag_ms']):>10} "
                   f"{row['lost']:>5} {(f'{load[0]:.1f}-{load[1]:.1f}' if load else '-'):>11}  {split}{broken}")
     return 0
 
