@@ -4,6 +4,12 @@
 //   node loadgen.js --mode throughput|latency|idle --url wss://127.0.0.1:PORT/ws --redis redis://127.0.0.1:PORT
 //       [--connections N] [--topics T] [--concurrency C] [--procs K] [--warmup S] [--duration S]
 //       [--window W] [--rate R] [--payload-bytes B] [--ca FILE] [--servername NAME]
+//       [--centrifugo-percent P] [--centrifugo-path PATH]
+//
+// Clients speak pushd's own protocol at --url, or (--centrifugo-percent P: P% of every topic's subscribers)
+// Centrifugo's client protocol v2 (JSON) at --centrifugo-path on the same host and port: a connect command
+// once the WebSocket is open, a subscribe command per connection, and `{}` back for every server ping `{}`.
+// Latency and losses are reported per protocol as well as in total.
 //
 // Modes:
 //   throughput  T must be 1. Closed loop: at most W messages in flight, where a message is done once ALL N
@@ -54,6 +60,8 @@ const DEFAULTS = {
   role: 'main',
   offset: 0,
   patterns: 0, // 1: topics are t<j>.q and every connection subscribes to the pattern t<j>.* instead
+  centrifugoPercent: 0, // share of each topic's subscribers that speak Centrifugo's protocol
+  centrifugoPath: '/connection/websocket',
 };
 
 function parseArgs(argv) {
@@ -62,6 +70,7 @@ function parseArgs(argv) {
   if (opts.mode === 'throughput' && opts.topics !== 1) throw new Error('throughput mode uses exactly 1 topic');
   if (opts.connections < 1 || opts.topics < 1 || opts.procs < 1) throw new Error('connections/topics/procs >= 1');
   if (opts.connections < opts.topics) throw new Error('need at least one connection per topic');
+  if (!(opts.centrifugoPercent >= 0 && opts.centrifugoPercent <= 100)) throw new Error('--centrifugo-percent 0..100');
   PATTERNS = opts.patterns === 1;
   return opts;
 }
@@ -106,6 +115,30 @@ function intAt(buf, pos) {
 }
 
 const S_KEY = Buffer.from('"s":');
+
+// -- the two wire protocols ------------------------------------------------------------------------------
+
+const PUSHD = 0;
+const CENTRIFUGO = 1;
+const WIRES = ['pushd', 'centrifugo'];
+const CONNECT_ID = 1;
+const SUBSCRIBE_ID = 2;
+const CONNECT_FRAME = JSON.stringify({ id: CONNECT_ID, connect: {} });
+
+/** Whether global connection `index` speaks Centrifugo's protocol: `percent`% of each topic's subscribers,
+ * spread evenly over them (connection index = topic + k * topics, k-th subscriber of its topic). */
+function wireOf(index, topics, percent) {
+  const k = Math.floor(index / topics);
+  return Math.floor(((k + 1) * percent) / 100) > Math.floor((k * percent) / 100) ? CENTRIFUGO : PUSHD;
+}
+
+/** The URL of Centrifugo's endpoint on the same host and port as pushd's own `url`. */
+function centrifugoUrl(url, path) {
+  const u = new URL(url);
+  u.pathname = path;
+  u.search = '';
+  return u.toString();
+}
 const T_KEY = Buffer.from('"t":');
 
 /** Latency histogram: 1 us buckets up to 1 s, then 1 ms buckets up to 120 s, then one overflow bucket. */
@@ -204,12 +237,22 @@ class Fleet {
     this.received = new Float64Array(count); // data frames received per connection
     this.subscribedFlag = new Uint8Array(count);
     this.localPerTopic = new Uint32Array(opts.topics);
+    this.wireOf = new Uint8Array(count);
+    this.wireCount = [0, 0];
     for (let i = 0; i < count; i++) {
       const j = (offset + i) % opts.topics;
       this.topicOf[i] = j;
       this.localPerTopic[j]++;
+      this.wireOf[i] = wireOf(offset + i, opts.topics, opts.centrifugoPercent);
+      this.wireCount[this.wireOf[i]]++;
     }
-    this.topicTags = Array.from({ length: opts.topics }, (_, j) => Buffer.from(`"topic":"${topicName(j)}",`));
+    this.urls = [opts.url, centrifugoUrl(opts.url, opts.centrifugoPath)];
+    // What starts a data frame's topic, per wire: {"topic":"t0",... and {"push":{"channel":"t0","pub":...
+    this.topicTags = [
+      Array.from({ length: opts.topics }, (_, j) => Buffer.from(`"topic":"${topicName(j)}",`)),
+      Array.from({ length: opts.topics }, (_, j) => Buffer.from(`"channel":"${topicName(j)}","pub":`)),
+    ];
+    this.connectWaiters = new Map(); // connection -> resolve/reject of its Centrifugo connect command
     this.totalReceived = 0;
     this.outOfOrder = 0;
     this.wrongTopic = 0;
@@ -227,7 +270,7 @@ class Fleet {
     this.done = 0;
     this.progressScheduled = false;
     // latency bookkeeping
-    this.hist = null;
+    this.hist = null; // latency: one Histogram per wire
     this.windowStart = Infinity;
     this.windowEnd = -Infinity;
     this.inWindow = 0;
@@ -256,13 +299,35 @@ class Fleet {
 
   openOne(i, wsOptions) {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(this.opts.url, wsOptions);
+      const wire = this.wireOf[i];
+      const ws = new WebSocket(this.urls[wire], wsOptions);
       let opened = false;
       ws.on('message', (data) => this.onMessage(i, data));
       ws.once('open', () => {
         opened = true;
         this.sockets[i] = ws;
-        resolve();
+        if (wire === PUSHD) {
+          resolve();
+          return;
+        }
+        // Centrifugo's protocol: the session opens with a connect command and its reply.
+        const timer = setTimeout(() => fail(new Error('no connect reply within 30s')), 30000);
+        const fail = (err) => {
+          clearTimeout(timer);
+          this.connectWaiters.delete(i);
+          opened = false; // its close is not an early close of a running connection
+          ws.terminate();
+          reject(err);
+        };
+        this.connectWaiters.set(i, {
+          resolve: () => {
+            clearTimeout(timer);
+            this.connectWaiters.delete(i);
+            resolve();
+          },
+          reject: fail,
+        });
+        ws.send(CONNECT_FRAME);
       });
       ws.on('error', (err) => {
         if (!opened) reject(err);
@@ -309,9 +374,12 @@ class Fleet {
 
   subscribe() {
     const start = nowUs();
-    const frames = Array.from({ length: this.opts.topics }, (_, j) =>
-      JSON.stringify({ op: 'subscribe', topics: [subscriptionName(j)] }),
-    );
+    const frames = [
+      Array.from({ length: this.opts.topics }, (_, j) => JSON.stringify({ op: 'subscribe', topics: [subscriptionName(j)] })),
+      Array.from({ length: this.opts.topics }, (_, j) =>
+        JSON.stringify({ id: SUBSCRIBE_ID, subscribe: { channel: subscriptionName(j) } }),
+      ),
+    ];
     return new Promise((resolve, reject) => {
       const timer = setTimeout(
         () => reject(new Error(`only ${this.subscribed}/${this.count} subscribed after ${this.opts.subscribeTimeout}s`)),
@@ -321,20 +389,23 @@ class Fleet {
         clearTimeout(timer);
         resolve({ start, end: nowUs() });
       };
-      for (let i = 0; i < this.count; i++) this.sockets[i].send(frames[this.topicOf[i]]);
+      for (let i = 0; i < this.count; i++) this.sockets[i].send(frames[this.wireOf[i]][this.topicOf[i]]);
     });
   }
 
   // -- receiving ------------------------------------------------------------------------------------------
 
   onMessage(i, data) {
-    // Data frames start with {"topic":, replies with {"op":.
-    if (data[2] !== 0x74 /* t */) {
-      this.onReply(i, data);
+    // pushd's data frames start with {"topic":, its replies with {"op":. Centrifugo's publications start with
+    // {"push":, its replies with {"id":, and its pings are {}.
+    const wire = this.wireOf[i];
+    if (data[2] !== (wire === PUSHD ? 0x74 /* t */ : 0x70 /* p */)) {
+      if (wire === PUSHD) this.onReply(i, data);
+      else this.onCentrifugoReply(i, data);
       return;
     }
     const j = this.topicOf[i];
-    if (data.indexOf(this.topicTags[j]) < 0) {
+    if (data.indexOf(this.topicTags[wire][j]) < 0) {
       this.wrongTopic++;
       return;
     }
@@ -356,7 +427,7 @@ class Fleet {
       const tPos = data.indexOf(T_KEY, sPos);
       const sent = tPos < 0 ? -1 : intAt(data, tPos + 4);
       if (sent >= this.windowStart && sent < this.windowEnd) {
-        this.hist.record(nowUs() - sent);
+        this.hist[wire].record(nowUs() - sent);
         this.inWindow++;
       }
     } else {
@@ -405,11 +476,36 @@ class Fleet {
     }
   }
 
+  onCentrifugoReply(i, data) {
+    if (data.length === 2) {
+      this.sockets[i].send('{}'); // the server's ping: a pong is an empty command too
+      return;
+    }
+    let reply;
+    try {
+      reply = JSON.parse(data.toString());
+    } catch {
+      this.unparsable++;
+      return;
+    }
+    if (reply.id === CONNECT_ID) {
+      const waiter = this.connectWaiters.get(i);
+      if (waiter && reply.connect) waiter.resolve();
+      else if (waiter) waiter.reject(new Error(`connect refused: ${JSON.stringify(reply.error)}`));
+    } else if (reply.id === SUBSCRIBE_ID && reply.subscribe && !this.subscribedFlag[i]) {
+      this.subscribedFlag[i] = 1;
+      this.subscribed++;
+      if (this.subscribed === this.count && this.onSubscribed) this.onSubscribed();
+    } else if (reply.error) {
+      if (this.subscribeErrors.length < 5) this.subscribeErrors.push(reply);
+    }
+  }
+
   // -- phases ---------------------------------------------------------------------------------------------
 
   startWindow(windowStart, windowEnd, latency) {
     if (latency) {
-      this.hist = new Histogram();
+      this.hist = [new Histogram(), new Histogram()];
       this.windowStart = windowStart;
       this.windowEnd = windowEnd;
     }
@@ -455,11 +551,13 @@ class Fleet {
     let lost = 0;
     let duplicates = 0;
     let incomplete = 0;
+    const lostByWire = [0, 0];
     for (let i = 0; i < this.count; i++) {
       const want = this.expected[this.topicOf[i]];
       const got = this.received[i];
       if (got < want) {
         lost += want - got;
+        lostByWire[this.wireOf[i]] += want - got;
         incomplete++;
       } else if (got > want) {
         duplicates += got - want;
@@ -480,7 +578,9 @@ class Fleet {
       drain_timed_out: timedOut,
       window: this.snapEnd,
       in_window: this.inWindow,
-      hist: this.hist ? this.hist.toSparse() : null,
+      connections_by_wire: this.wireCount,
+      lost_by_wire: lostByWire,
+      hist: this.hist ? this.hist.map((h) => h.toSparse()) : null,
     };
   }
 
@@ -630,6 +730,7 @@ async function main(opts) {
     procs: opts.procs,
     concurrency: opts.concurrency,
     payload_bytes: opts.payloadBytes,
+    centrifugo_percent: opts.centrifugoPercent,
     ok: false,
   };
   let fatal = null;
@@ -846,6 +947,15 @@ async function main(opts) {
     ).map((m) => m.report);
     const sum = (key) => reports.reduce((a, r) => a + r[key], 0);
     const windows = reports.map((r) => r.window).filter(Boolean);
+    result.connections_by_protocol = {};
+    result.lost_by_protocol = {};
+    WIRES.forEach((name, wire) => {
+      const connections = reports.reduce((a, r) => a + r.connections_by_wire[wire], 0);
+      if (connections) {
+        result.connections_by_protocol[name] = connections;
+        result.lost_by_protocol[name] = reports.reduce((a, r) => a + r.lost_by_wire[wire], 0);
+      }
+    });
     result.deliveries = sum('received');
     result.expected_deliveries = sum('expected');
     result.lost = sum('lost');
@@ -867,8 +977,19 @@ async function main(opts) {
     if (opts.procs === 1) result.loadgen_cpu = { process: windows[0] && result.loadgen_cpu.workers[0] };
     if (opts.mode === 'latency') {
       const hist = new Histogram();
-      for (const r of reports) if (r.hist) hist.merge(r.hist);
+      const byWire = [new Histogram(), new Histogram()];
+      for (const r of reports) {
+        if (!r.hist) continue;
+        r.hist.forEach((sparse, wire) => {
+          hist.merge(sparse);
+          byWire[wire].merge(sparse);
+        });
+      }
       result.latency = hist.summaryMs();
+      result.latency_by_protocol = {};
+      WIRES.forEach((name, wire) => {
+        if (result.connections_by_protocol[name]) result.latency_by_protocol[name] = byWire[wire].summaryMs();
+      });
       result.expected_window_samples = null; // filled by the orchestrator if wanted
     }
     // ok: the run itself is sound (nothing duplicated, reordered, garbled or cut off). Messages still missing

@@ -5,6 +5,7 @@
     python bench/run.py --quick          # small versions of every scenario, for smoke-testing
     python bench/run.py --only latency   # one scenario (or a comma-separated list; names as in the table)
     python bench/run.py --profile        # also record a py-spy profile of pushd in every scenario
+    python bench/run.py --clients pushd,half,centrifugo   # each scenario with clients of either protocol
 
 For every scenario it starts a fresh redis-server and a fresh pushd (`twistd -n pushd`), pins pushd to one core
 and redis-server plus the Node load generator (bench/loadgen.js) to another with `taskset`, runs the load
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,25 @@ class Scenario:
     window: int = 32
     #: (metric key in the scenario result, comparison, target value, unit) -- a miss is a finding, not an error
     targets: list[tuple[str, str, float, str]] = field(default_factory=list)
+    #: which protocol the subscribers speak: a key of CLIENT_MIXES
+    clients: str = "pushd"
+
+
+#: --clients: the share of every topic's subscribers that speak Centrifugo's protocol (the rest pushd's own).
+CLIENT_MIXES = {"pushd": 0, "half": 50, "centrifugo": 100}
+_MIX_TEXT = {"half": "half of each topic's subscribers on Centrifugo's protocol",
+             "centrifugo": "every subscriber on Centrifugo's protocol"}
+
+
+def with_clients(scenarios: list[Scenario], mixes: list[str]) -> list[Scenario]:
+    """Each scenario once per client mix; names get the mix as a suffix, except pushd's own protocol."""
+    expanded = []
+    for scenario in scenarios:
+        for mix in mixes:
+            name = scenario.name if mix == "pushd" else f"{scenario.name}-{mix}"
+            what = scenario.what if mix == "pushd" else f"{scenario.what}; {_MIX_TEXT[mix]}"
+            expanded.append(replace(scenario, name=name, what=what, clients=mix))
+    return expanded
 
 
 def full_scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -429,7 +449,8 @@ class Runner:
                 "--procs", str(self.args.loadgen_procs), "--warmup", str(scenario.warmup),
                 "--duration", str(scenario.duration), "--window", str(scenario.window),
                 "--rate", str(scenario.rate), "--payload-bytes", str(self.args.payload_bytes),
-                "--patterns", "1" if self.args.patterns else "0"]
+                "--patterns", "1" if self.args.patterns else "0",
+                "--centrifugo-percent", str(CLIENT_MIXES[scenario.clients])]
         if scenario.tls:
             argv += ["--ca", self.cert, "--servername", "localhost"]
         return self.pin.client(argv)
@@ -439,7 +460,9 @@ class Runner:
     def run(self, scenario: Scenario) -> dict[str, Any]:
         run_dir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-", dir=self.workdir))
         result: dict[str, Any] = {"name": scenario.name, "what": scenario.what, "ok": False,
-                                  "params": asdict(scenario)}
+                                  "params": asdict(scenario),
+                                  # the machine is shared at times: how busy it was when the scenario started
+                                  "load_average": [round(x, 2) for x in os.getloadavg()]}
         procs: list[Proc] = []
         pushd: Proc | None = None
         loadgen: Proc | None = None
@@ -705,6 +728,7 @@ def machine_info(pin: Pinning, ref: str = "") -> dict[str, Any]:
 
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpu_model": cpu_model,
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
@@ -760,8 +784,11 @@ def summary_line(result: dict[str, Any]) -> str:
                 f"{fmt_int(lg['connections'])}), lost {lg['lost']}, out-of-order {lg['out_of_order']}")
     if mode == "latency":
         lat = lg["latency"]
+        by_protocol = lg.get("latency_by_protocol") or {}
+        split = "" if len(by_protocol) < 2 else " (" + ", ".join(
+            f"{name} p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f}" for name, p in by_protocol.items()) + ")"
         return (f"p50 {lat['p50_ms']:.2f} p90 {lat['p90_ms']:.2f} p99 {lat['p99_ms']:.2f} "
-                f"p99.9 {lat['p999_ms']:.2f} max {lat['max_ms']:.2f} ms; {fmt_int(lg['deliveries'])}/"
+                f"p99.9 {lat['p999_ms']:.2f} max {lat['max_ms']:.2f} ms{split}; {fmt_int(lg['deliveries'])}/"
                 f"{fmt_int(lg['expected_deliveries'])} delivered, lost {lg['lost']}")
     return (f"{result['kib_per_connection']:.2f} KiB/conn (RSS {result['pushd_rss_start_kib'] / 1024:.1f} -> "
             f"{result['pushd_rss_loaded_kib'] / 1024:.1f} MiB); {fmt_int(lg['connections_per_s'])} conn/s, "
@@ -856,7 +883,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="measure pushd as committed at this git ref (exported with git archive) instead of the "
                         "working tree")
     p.add_argument("--label", default="", help="appended to the results file name (e.g. the variant under test)")
-    return p.parse_args(argv)
+    p.add_argument("--clients", default="pushd",
+                   help="comma-separated client mixes, each scenario run once per mix: pushd (pushd's own protocol), "
+                        "centrifugo (Centrifugo's client protocol at /connection/websocket), half (half of every "
+                        "topic's subscribers on each)")
+    args = p.parse_args(argv)
+    args.clients = [mix.strip() for mix in args.clients.split(",") if mix.strip()]
+    unknown = [mix for mix in args.clients if mix not in CLIENT_MIXES]
+    if unknown or not args.clients:
+        p.error(f"--clients: {', '.join(unknown) or 'empty'}; choose from {', '.join(CLIENT_MIXES)}")
+    if args.server == "fake" and args.clients != ["pushd"]:
+        p.error("--server fake speaks only pushd's own protocol: --clients pushd")
+    return args
 
 
 def select(scenarios: list[Scenario], only: str) -> list[Scenario]:
@@ -878,9 +916,13 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    scenarios = select(quick_scenarios(args) if args.quick else full_scenarios(args), args.only)
+    scenarios = with_clients(select(quick_scenarios(args) if args.quick else full_scenarios(args), args.only),
+                             args.clients)
     set_name = ("quick" if args.quick else "full") if not args.only else \
-        ("quick-" if args.quick else "") + "+".join(s.name for s in scenarios)
+        ("quick-" if args.quick else "") + "+".join(dict.fromkeys(s.name.removesuffix(f"-{s.clients}")
+                                                                   for s in scenarios))
+    if args.clients != ["pushd"]:
+        set_name += "-clients-" + "+".join(args.clients)
     if args.server == "fake":
         set_name += "-fakepushd"
     if args.label:
