@@ -459,14 +459,19 @@ class Fleet {
     }
   }
 
-  onReply(i, data) {
-    let reply;
+  /** A reply's JSON, or undefined (counted as unparsable). */
+  parseReply(data) {
     try {
-      reply = JSON.parse(data.toString());
+      return JSON.parse(data.toString());
     } catch {
       this.unparsable++;
-      return;
+      return undefined;
     }
+  }
+
+  onReply(i, data) {
+    const reply = this.parseReply(data);
+    if (reply === undefined) return;
     if (reply.op === 'subscribed' && !this.subscribedFlag[i]) {
       this.subscribedFlag[i] = 1;
       this.subscribed++;
@@ -481,13 +486,8 @@ class Fleet {
       this.sockets[i].send('{}'); // the server's ping: a pong is an empty command too
       return;
     }
-    let reply;
-    try {
-      reply = JSON.parse(data.toString());
-    } catch {
-      this.unparsable++;
-      return;
-    }
+    const reply = this.parseReply(data);
+    if (reply === undefined) return;
     if (reply.id === CONNECT_ID) {
       const waiter = this.connectWaiters.get(i);
       if (waiter && reply.connect) waiter.resolve();
