@@ -11,11 +11,14 @@ import io
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
+import txredisapi
+from twisted.internet import error
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -126,6 +129,7 @@ class Call:
     params: Mapping[str, str]
     query: Mapping[bytes, Sequence[bytes]]
     body: dict[str, Any]
+    health: BackendHealth
 
 
 Handler = Callable[[Call], "Reply | Deferred[Reply]"]
@@ -190,14 +194,14 @@ def _publish(call: Call) -> Deferred[Reply]:
         results = [_position(topic, position) for (topic, _), position in zip(messages, positions, strict=True)]
         return 200, ({"results": results} if "messages" in body else results[0])
 
-    return _ask("publish", call.backend.publish, messages).addCallback(reply)
+    return _ask(call, "publish", call.backend.publish, messages).addCallback(reply)
 
 
 def _publish_to_user(call: Call) -> Deferred[Reply]:
     user = _identifier(call.params, "user")
     _only_fields(call.body, ("data",), "", "expected data")
     payload = _payload(call.body, "")
-    return _ask("publish_to_user", call.backend.publish_to_user, user, payload).addCallback(
+    return _ask(call, "publish_to_user", call.backend.publish_to_user, user, payload).addCallback(
         lambda nodes: (200, {"user": user, "nodes": nodes}))
 
 
@@ -214,7 +218,7 @@ def _broadcast(call: Call) -> Deferred[Reply]:
         return (202, {"id": broadcast_id, "duplicate": False}) if created else \
             (200, {"id": broadcast_id, "duplicate": True})
 
-    return _ask("broadcast", call.backend.broadcast, payload, key).addCallback(reply)
+    return _ask(call, "broadcast", call.backend.broadcast, payload, key).addCallback(reply)
 
 
 def _broadcast_status(call: Call) -> Deferred[Reply]:
@@ -225,11 +229,11 @@ def _broadcast_status(call: Call) -> Deferred[Reply]:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no broadcast {broadcast_id!r}")
         return 200, status
 
-    return _ask("broadcast_status", call.backend.broadcast_status, broadcast_id).addCallback(reply)
+    return _ask(call, "broadcast_status", call.backend.broadcast_status, broadcast_id).addCallback(reply)
 
 
 def _topics(call: Call) -> Deferred[Reply]:
-    return _ask("topics", call.backend.topics).addCallback(lambda topics: (200, {"topics": topics}))
+    return _ask(call, "topics", call.backend.topics).addCallback(lambda topics: (200, {"topics": topics}))
 
 
 def _topic(call: Call) -> Deferred[Reply]:
@@ -237,12 +241,12 @@ def _topic(call: Call) -> Deferred[Reply]:
     problem = protocol.topic_error(topic, call.limits)
     if problem is not None:
         raise ApiError(400, ErrorCode.INVALID_TOPIC, f"topic: {problem}")
-    return _ask("topic", call.backend.topic, topic).addCallback(
+    return _ask(call, "topic", call.backend.topic, topic).addCallback(
         lambda nodes: (200, {"topic": topic, "nodes": nodes, "subscribers": sum(nodes.values())}))
 
 
 def _nodes(call: Call) -> Deferred[Reply]:
-    return _ask("nodes", call.backend.nodes).addCallback(lambda nodes: (200, {"nodes": nodes}))
+    return _ask(call, "nodes", call.backend.nodes).addCallback(lambda nodes: (200, {"nodes": nodes}))
 
 
 def _disconnect_connection(call: Call) -> Deferred[Reply]:
@@ -254,13 +258,13 @@ def _disconnect_connection(call: Call) -> Deferred[Reply]:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no connection {conn_id!r} on any node")
         return 200, {"disconnected": True}
 
-    return _ask("disconnect_connection", call.backend.disconnect_connection, conn_id, code, reason).addCallback(reply)
+    return _ask(call, "disconnect_connection", call.backend.disconnect_connection, conn_id, code, reason).addCallback(reply)
 
 
 def _disconnect_user(call: Call) -> Deferred[Reply]:
     user = _identifier(call.params, "user")
     code, reason = _close_code(call.query), _close_reason(call.query)
-    return _ask("disconnect_user", call.backend.disconnect_user, user, code, reason).addCallback(
+    return _ask(call, "disconnect_user", call.backend.disconnect_user, user, code, reason).addCallback(
         lambda nodes: (200, {"user": user, "nodes": nodes}))
 
 
@@ -273,7 +277,8 @@ def _centrifugo(call: Call) -> Deferred[Reply]:
         return 200, refusal.reply()
 
     return maybeDeferred(api_centrifugo.call, method, call.body, call.backend, call.limits).addCallbacks(
-        lambda reply: (200, reply), refused).addErrback(_unavailable, f"centrifugo {method}")
+        lambda reply: (200, reply), refused).addCallbacks(call.health.answered, call.health.failed,
+                                                          errbackArgs=(f"centrifugo {method}",))
 
 
 def _openapi_document(call: Call) -> Reply:
@@ -432,16 +437,51 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _ask(what: str, method: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
-    """Call the backend; a failure (raised or in the Deferred) is logged and becomes 503 unavailable."""
+def _ask(call: Call, what: str, method: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
+    """Call the backend; a failure (raised or in the Deferred) becomes 503 unavailable."""
+    return maybeDeferred(method, *args).addCallbacks(call.health.answered, call.health.failed, errbackArgs=(what,))
 
-    return maybeDeferred(method, *args).addErrback(_unavailable, what)
+
+class Unavailable(Exception):
+    """Raised by a backend that cannot deliver what it would acknowledge now (Redis is out of reach)."""
 
 
-def _unavailable(failure: Failure, what: str) -> Failure:
-    _log.failure("API backend call {what} failed", failure, what=what)
-    return Failure(ApiError(503, ErrorCode.UNAVAILABLE,
-                            f"the push cluster did not answer ({what.replace('_', ' ')}); try again"))
+#: Failures that mean the backend is out of reach, not that pushd is wrong: logged once per outage.
+_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError,
+                                                   txredisapi.ConnectionError, error.ConnectionDone,
+                                                   error.ConnectionLost, txredisapi.ResponseError)
+
+
+class BackendHealth:
+    """Turns backend failures into 503s, logging one line when an outage begins and one when it ends instead of
+    a traceback per request; a failure that is not an outage (a bug) is still logged in full."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failing_since: float | None = None
+        self.refused = 0
+
+    def answered(self, result: _T) -> _T:
+        if self._failing_since is not None:
+            _log.info("API: the push cluster answers again after {seconds:.1f} s; {refused} requests got 503",
+                      seconds=self._clock() - self._failing_since, refused=self.refused)
+            self._failing_since, self.refused = None, 0
+        return result
+
+    def failed(self, failure: Failure, what: str) -> Failure:
+        self.refused += 1
+        if failure.check(Unavailable):
+            # The backend knows it cannot deliver now, and has said so in its own log.
+            return Failure(ApiError(503, ErrorCode.UNAVAILABLE, str(failure.value), {"Retry-After": "1"}))
+        if not failure.check(*_OUTAGE_ERRORS):
+            _log.failure("API backend call {what} failed", failure, what=what)
+        elif self._failing_since is None:
+            self._failing_since = self._clock()
+            _log.warn("API: the push cluster cannot take requests ({what}: {error}); answering 503 until it can",
+                      what=what.replace("_", " "), error=failure.getErrorMessage())
+        return Failure(ApiError(503, ErrorCode.UNAVAILABLE,
+                                f"the push cluster did not answer ({what.replace('_', ' ')}); try again",
+                                {"Retry-After": "1"}))
 
 
 # The web layer: one leaf resource that matches ROUTES, checks keys and limits, and writes JSON.
@@ -523,6 +563,7 @@ class ApiResource(Resource):
         self._limits = limits
         self._max_batch = max_batch
         self._cors = cors
+        self.health = BackendHealth()
 
     def render(self, request: server.Request) -> int:
         gone: list[Failure] = []
@@ -548,7 +589,7 @@ class ApiResource(Resource):
         if route.auth:
             self._authorize(request)
         body = self._body(request, route)
-        call = Call(self._backend, self._limits, self._max_batch, params, request.args or {}, body)
+        call = Call(self._backend, self._limits, self._max_batch, params, request.args or {}, body, self.health)
         return maybeDeferred(route.handler, call).addCallback(lambda reply: _json(*reply))
 
     def _authorize(self, request: server.Request) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 
+from pushd.api import Unavailable
 from pushd.recovery import Position
 from pushd.redis.client import reply_text
 from pushd.redis.history import History
@@ -111,22 +112,33 @@ def node_of(conn_id: str) -> str:
 class Cluster:
     """The `pushd.api.ApiBackend` of a node: reads and writes the cluster's state in Redis."""
 
-    def __init__(self, link: Any, keys: Keys, history: History, *, broadcast_window: int) -> None:
+    def __init__(self, link: Any, keys: Keys, history: History, *, broadcast_window: int,
+                 unavailable: Callable[[], str | None] = lambda: None) -> None:
         self._link = link
         self._keys = keys
         self._history = history
         self._window = broadcast_window
+        self._unavailable = unavailable
         self.channels = Channels(keys.prefix)
 
+    def _check_deliverable(self) -> None:
+        """Refuse what this node could not deliver now, before anything is written."""
+        reason = self._unavailable()
+        if reason is not None:
+            raise Unavailable(reason)
+
     def publish(self, messages: Sequence[tuple[str, bytes]]) -> defer.Deferred[list[Position | None]]:
+        self._check_deliverable()
         return self._history.publish(messages)
 
     def publish_to_user(self, user: str, payload: bytes) -> defer.Deferred[int]:
+        self._check_deliverable()
         d: defer.Deferred[int] = self._link.call("publish", self.channels.user(user), payload).addCallback(int)
         return d
 
     @defer.inlineCallbacks
     def broadcast(self, payload: bytes, key: str | None) -> Any:
+        self._check_deliverable()
         broadcast_id = uuid.uuid4().hex
         prefix = self._keys.prefix
         message = encode_control({"op": "broadcast", "id": broadcast_id}, payload)
@@ -212,6 +224,7 @@ class Cluster:
 
     @defer.inlineCallbacks
     def disconnect_connection(self, conn_id: str, code: int, reason: str) -> Any:
+        self._check_deliverable()
         known = yield self._link.call("sismember", self._keys.node(node_of(conn_id)), conn_id)
         if not int(known):
             return False
@@ -220,6 +233,7 @@ class Cluster:
         return True
 
     def disconnect_user(self, user: str, code: int, reason: str) -> defer.Deferred[int]:
+        self._check_deliverable()
         d: defer.Deferred[int] = self._link.call("publish", self.channels.control, encode_control(
             {"op": "disconnect_user", "user": user, "code": code, "reason": reason})).addCallback(int)
         return d

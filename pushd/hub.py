@@ -12,11 +12,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from pushd.patterns import PatternIndex, is_pattern
-from pushd.recovery import Position
+from pushd.recovery import Position, offset_key
 from pushd.wire import Wire
 
 #: A live message kept for a connection whose recovery is reading history: (position or None, frame bytes).
 Held = tuple[Position | None, bytes]
+
+#: Live messages a topic may keep while the node catches it up after an outage; past this it is told lost.
+CATCH_UP_HOLD = 10_000
 
 
 class Subscriber(Protocol):
@@ -33,8 +36,9 @@ class Subscriber(Protocol):
     def drop(self, reason: str) -> None:
         """Close the connection for `reason` (a key of `Hub.pruned`)."""
 
-    def lost(self, topic: str) -> None:
-        """The node missed messages of `topic` (its numbers jumped, or its history's epoch changed)."""
+    def lost(self, topic: str, reason: str) -> None:
+        """The node may have missed messages of `topic`, a topic or pattern it is subscribed to (its numbers
+        jumped, its history's epoch changed, or Redis was out of reach)."""
 
 
 class MembershipObserver(Protocol):
@@ -121,6 +125,14 @@ class Hub:
         self._positions: dict[str, Position] = {}
         #: Gaps found in topics' numbers: messages this node never received.
         self.gaps = 0
+        #: topic -> live messages (payload, position) kept while the node catches the topic up from history after
+        #: an outage (None once more than CATCH_UP_HOLD came: the topic is then told lost).
+        self._paused: dict[str, list[tuple[bytes, Position | None]] | None] = {}
+        #: The offset of the last message with history that reached the node, whatever its topic: where a
+        #: catch-up starts for a topic that has had nothing yet.
+        self.last_offset: str | None = None
+        #: Subscriptions told that messages may be lost, by why.
+        self.told_lost: Counter[str] = Counter()
         self._batch: list[Publication] | None = None
         #: Connections dropped by the hot path or by liveness checks, by reason.
         self.pruned: Counter[str] = Counter()
@@ -271,11 +283,16 @@ class Hub:
         time, which turns the several messages of one Redis read into one write (one TLS record) each.
         """
         self.published += 1
-        if position is not None and position.seq and topic in self._topics:
-            last = self._positions.get(topic)
-            self._positions[topic] = position
-            if last is not None and (position.seq > last.seq + 1 or position.epoch != last.epoch):
-                self._lost(topic)
+        if self._paused and topic in self._paused:
+            self._keep_paused(topic, payload, position)
+            return 0
+        if position is not None:
+            self.last_offset = position.offset
+            if position.seq and topic in self._topics:
+                last = self._positions.get(topic)
+                self._positions[topic] = position
+                if last is not None and (position.seq > last.seq + 1 or position.epoch != last.epoch):
+                    self._lost(topic, "messages were lost between Redis and this node")
         subscribers = self._recipients(topic)
         holders = self._holds.get(topic) if self._holds else None
         if not subscribers and not holders:
@@ -292,12 +309,67 @@ class Hub:
         self._write_groups(topic, subscribers, publication.frame, 1)
         return len(subscribers)
 
-    def _lost(self, topic: str) -> None:
+    def _lost(self, topic: str, reason: str) -> None:
         """Messages of `topic` never reached this node: tell its subscribers (those that track positions leave
         the topic, to subscribe again and recover what they missed from history)."""
         self.gaps += 1
-        for conn in tuple(self._topics.get(topic, ())):
-            conn.lost(topic)
+        self.tell_lost(topic, reason)
+
+    def tell_lost(self, subscription: str, reason: str) -> None:
+        """Tell every local subscriber of `subscription` (a topic or a pattern) that messages may be lost."""
+        if is_pattern(subscription):
+            subscribers = tuple(self._patterns.subscribers(subscription))
+        else:
+            subscribers = tuple(self._topics.get(subscription, ()))
+        self.told_lost[reason] += len(subscribers)
+        for conn in subscribers:
+            conn.lost(subscription, reason)
+
+    # -- catching up after an outage ------------------------------------------------------------------------
+
+    def pause(self, topics: Iterable[str]) -> None:
+        """Keep the live messages of `topics` instead of delivering them, until `catch_up` has given each topic
+        what it missed: the history read and the live stream then meet without a gap or a repeat."""
+        for topic in topics:
+            self._paused.setdefault(topic, [])
+
+    def _keep_paused(self, topic: str, payload: bytes, position: Position | None) -> None:
+        kept = self._paused[topic]
+        if kept is not None:
+            kept.append((payload, position))
+            if len(kept) > CATCH_UP_HOLD:
+                self._paused[topic] = None
+
+    def catch_up(self, topic: str, missed: Iterable[tuple[Position, bytes]], lost: str | None = None) -> int:
+        """Deliver what `topic` missed (from its history, in order), then the live messages kept since `pause`
+        that come after it; `lost` (why) tells its subscribers that messages may be lost all the same.
+
+        Returns how many messages were delivered from history.
+        """
+        kept = self._paused.pop(topic, [])
+        if kept is None:
+            kept, lost = [], lost or f"more than {CATCH_UP_HOLD} messages arrived while catching up"
+        replayed = 0
+        seen = self._positions.get(topic)
+        self.begin_batch()
+        try:
+            for placed, payload in missed:
+                if seen is not None and placed.epoch != seen.epoch:
+                    # A new life of the topic's history: its numbers start again, which is no gap.
+                    self._positions.pop(topic, None)
+                self.publish(topic, payload, placed)
+                seen = placed
+                replayed += 1
+            for payload, position in kept:
+                if position is None or seen is None or _after(position, seen):
+                    self.publish(topic, payload, position)
+        finally:
+            self.flush()
+        if lost is not None:
+            # Its subscribers are told; the next message starts the topic's numbers afresh, whatever they are.
+            self._positions.pop(topic, None)
+            self.tell_lost(topic, lost)
+        return replayed
 
     def begin_batch(self) -> None:
         if self._batch is None:
@@ -376,7 +448,27 @@ class Hub:
     def topic_count(self) -> int:
         return len(self._topics) + len(self._patterns)
 
+    def topics(self) -> tuple[str, ...]:
+        """The topics subscribed to here by name (not by pattern)."""
+        return tuple(self._topics)
+
+    def patterns(self) -> tuple[str, ...]:
+        return tuple(self._patterns.patterns())
+
+    def position(self, topic: str) -> Position | None:
+        """Where the last message of `topic` with history that reached its subscribers here stands."""
+        return self._positions.get(topic)
+
     def snapshot(self) -> Iterator[tuple[str, tuple[str, ...], str | None]]:
         """(connection id, its topics, its user) for every local connection: what Redis must hold for this node."""
         for conn_id, conn in tuple(self._connections.items()):
             yield conn_id, tuple(conn.topics), self._user_of.get(conn)
+
+
+def _after(position: Position, seen: Position) -> bool:
+    """True if `position` comes after `seen` in the topic's history (a later epoch counts as after)."""
+    if position.epoch != seen.epoch:
+        return True
+    if position.seq and seen.seq:
+        return position.seq > seen.seq
+    return offset_key(position.offset) > offset_key(seen.offset)

@@ -166,6 +166,10 @@ class PatternIndex(Generic[T]):
         """Who is subscribed to exactly `pattern` (not to patterns it overlaps); empty when nobody is."""
         return self._subscribers.get(pattern, frozenset())
 
+    def patterns(self) -> tuple[str, ...]:
+        """Every pattern someone is subscribed to."""
+        return tuple(self._subscribers)
+
     def __bool__(self) -> bool:
         return bool(self._subscribers)
 

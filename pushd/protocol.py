@@ -219,9 +219,11 @@ class RefreshNeeded:
 
 @dataclass(frozen=True, slots=True)
 class Lost:
-    """The node missed messages of `topic` (a gap in its numbers): the client must recover it to go on."""
+    """Messages of `topic` may never have reached the node (a gap in its numbers, history Redis lost, or an
+    outage of Redis for a topic without history): the client must recover or refetch to go on."""
 
     topic: str
+    reason: str = "messages were lost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from pushd.daemon import StartupReport
 from pushd.endpoints import with_backlog
 from pushd.hooks import Hooks, load_hooks
 from pushd.hub import FrameCache, Hub
+from pushd.outage import OutageRecovery
 from pushd.recovery import Position
 from pushd.redis.client import RedisLink
 from pushd.redis.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
@@ -121,6 +122,7 @@ class PushdService(MultiService):
         self.factory: PushFactory | None = None
         self.history: History | None = None
         self.cluster: Cluster | None = None
+        self.outage: OutageRecovery | None = None
         self.broadcasts: dict[str, NodeBroadcast] = {}
         #: Runs broadcasts in steps on this node's reactor (stopped at shutdown: clients are closed anyway).
         self.cooperator = task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
@@ -175,7 +177,11 @@ class PushdService(MultiService):
         history_keys = HistoryKeys(config.key_prefix)
         self.history = History(self.redis, history_keys, self.history_policies,
                                channel_prefix=config.channel_prefix, replay_limit=config.replay_limit)
-        self.cluster = Cluster(self.redis, keys, self.history, broadcast_window=config.broadcast_window)
+        redis = self.redis
+        self.outage = OutageRecovery(self.reactor, self.hub, self.history,
+                                     commands_connected=lambda: redis.connected)
+        self.cluster = Cluster(self.redis, keys, self.history, broadcast_window=config.broadcast_window,
+                               unavailable=self.outage.unavailable)
         routes: dict[str, MessageHandler] = {
             config.channel_prefix: self.published,
             history_keys.channel(""): self.published_with_history,
@@ -183,11 +189,13 @@ class PushdService(MultiService):
             self.cluster.channels.control: self.control_message,
         }
         self.listener = Listener(self.reactor, target, routes, timeout=config.redis_timeout,
-                                 begin_batch=self.hub.begin_batch, flush=self.hub.flush)
+                                 begin_batch=self.hub.begin_batch, flush=self.hub.flush,
+                                 lost=self.outage.listener_lost, back=self._listener_back)
         try:
             yield self.listener.start().addTimeout(config.redis_timeout, self.reactor)
         except Exception as e:
             raise StartupError(f"redis: cannot PSUBSCRIBE on {target.display}: {_reason(e)}") from None
+        self.outage.started()
 
         services = Services(clock=self.reactor, hub=self.hub, limits=self.limits, tasks=self.tasks, hooks=self.hooks,
                             auth=self.auth, history=self.history, presence=self.cluster,
@@ -226,6 +234,10 @@ class PushdService(MultiService):
         self.log.info("pushd ready: node {node}, WebSocket at {urls}, Redis {redis}", node=self.node_id,
                       urls=" ".join(self.urls), redis=target.display)
 
+    def _listener_back(self) -> None:
+        if self.outage is not None:
+            self.outage.listener_back().addErrback(lambda f: self.log.failure("catch-up after an outage failed", f))
+
     def _url(self, description: str, port: Any) -> str:
         scheme = "wss" if description.split(":", 1)[0] in ("ssl", "tls") else "ws"
         address = port.getHost()
@@ -239,7 +251,8 @@ class PushdService(MultiService):
         return {"pid": os.getpid(), "urls": self.urls, "connections": len(hub), "pruned": dict(hub.pruned),
                 "published": hub.published, "delivered": hub.delivered, "batches": hub.batches,
                 "batched_frames": hub.batched_frames, "dropped_messages": self.dropped_messages,
-                "api": self.api_url, "broadcasts_running": len(self.broadcasts)}
+                "api": self.api_url, "broadcasts_running": len(self.broadcasts), "gaps": hub.gaps,
+                "told_lost": dict(hub.told_lost), **(self.outage.info() if self.outage is not None else {})}
 
     def _write_runtime_file(self, redis_url: str) -> None:
         info = {"pid": os.getpid(), "node_id": self.node_id, "redis": redis_url, "urls": self.urls,

@@ -499,11 +499,14 @@ class Session:
                 kept.append((position, rewritten))
         return tuple(kept)
 
-    def lost(self, topic: str) -> None:
-        """The node missed messages of `topic`: a client that tracks positions subscribes again and recovers."""
-        if self._codec.positioned and topic in self.topics and not self._closed:
+    def lost(self, topic: str, reason: str) -> None:
+        """The node may have missed messages of `topic` (a topic or a pattern subscribed to): a client that tracks
+        positions is unsubscribed, to subscribe again and recover; any other is told, to refetch."""
+        if topic not in self.topics or self._closed:
+            return
+        if self._codec.positioned:
             self._services.hub.unsubscribe(self, (topic,))
-            self._send(Lost(topic))
+        self._send(Lost(topic, reason))
 
     # -- reads for the client -----------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class FakeSubscriber:
         self.accept = accept
         self.dropped: str | None = None
         self.lost_topics: list[str] = []
+        self.lost_reasons: list[str] = []
 
     def write(self, data: bytes) -> bool:
         if not self.accept:
@@ -84,8 +85,9 @@ class FakeSubscriber:
     def drop(self, reason: str) -> None:
         self.dropped = reason
 
-    def lost(self, topic: str) -> None:
+    def lost(self, topic: str, reason: str) -> None:
         self.lost_topics.append(topic)
+        self.lost_reasons.append(reason)
 
 
 @dataclass

@@ -159,9 +159,14 @@ class RedisServer:
             self.process.wait(STOP_TIMEOUT)
         self._cleanup()
 
-    def restart(self) -> Self:
-        """Stop, then start again on the same port (with an empty data set)."""
-        self.stop()
+    def restart(self, *, kill: bool = False, down: float = 0.0) -> Self:
+        """Stop (SIGKILL with `kill`: a crash), stay down `down` seconds, then start again on the same port (with
+        an empty data set)."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        time.sleep(down)
         self._fixed_port = True
         return self.start()
 

@@ -149,6 +149,27 @@ return {epoch, top, page}
 """
 
 
+#: What topics missed while the node could not hear Redis. KEYS: stream, meta per topic. ARGV: the most entries
+#: per topic, then per topic the XRANGE start ("(<offset>" after the node's last message, "<ms>-0" from a
+#: moment) and the epoch that start belongs to ("" for none): from another epoch the whole stream is read.
+#: Returns per topic {epoch or nil, the last number, entries}.
+CATCH_UP_SCRIPT = """
+local result = {}
+local count = tonumber(ARGV[1])
+for i = 1, #KEYS, 2 do
+  local start, known = ARGV[i + 1], ARGV[i + 2]
+  local epoch = redis.call('HGET', KEYS[i + 1], 'epoch')
+  local entries = {}
+  if epoch then
+    if known ~= '' and known ~= epoch then start = '-' end
+    entries = redis.call('XRANGE', KEYS[i], start, '+', 'COUNT', count)
+  end
+  result[#result + 1] = {epoch, tonumber(redis.call('HGET', KEYS[i + 1], 'seq') or '0'), entries}
+end
+return result
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryPolicy:
     """How much history a topic keeps: `size` newest messages for `ttl` seconds after the last publish."""
@@ -271,6 +292,15 @@ class Replay:
     entries: tuple[tuple[Position, bytes], ...]
     #: The number of the newest message when history was read (0 when unknown).
     top: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """What a topic published that the node did not hear (in stream order), and why its subscribers must be told
+    that messages may be lost all the same (None: nothing was lost)."""
+
+    entries: tuple[tuple[Position, bytes], ...]
+    lost: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +454,34 @@ class History:
         args = [str(limit), "1" if reverse else "0", str(since.seq if since is not None else -1)]
         return self._read(("page", topic, *args), PAGE_SCRIPT, [self.keys.stream(topic), self.keys.meta(topic)],
                           args, _page, since)
+
+    def missed(self, topics: Sequence[tuple[str, Position | None, str]]) -> defer.Deferred[list[Missed]]:
+        """What each topic published that the node did not hear, for (topic, the last position its subscribers
+        here got or None, where to start when None: an XRANGE start). One script call for all the topics."""
+        keys: list[str] = []
+        args = [str(self.replay_limit + 1)]
+        for topic, last, floor in topics:
+            keys += [self.keys.stream(topic), self.keys.meta(topic)]
+            args += [floor, ""] if last is None else ["(" + last.offset, last.epoch]
+        d: defer.Deferred[Any] = self._link.call("eval", CATCH_UP_SCRIPT, keys, args)
+        return d.addCallback(lambda reply: [self._judge_missed(part, last)
+                                            for part, (_, last, _) in zip(reply, topics, strict=True)])
+
+    def _judge_missed(self, reply: Any, last: Position | None) -> Missed:
+        current, _, raw_entries = reply
+        epoch = _epoch(current)
+        if epoch is None:
+            return Missed((), None if last is None else "history was lost (Redis lost its data)")
+        entries = tuple(_entry(entry, epoch) for entry in raw_entries or ())
+        lost: str | None = None
+        if last is not None and epoch != last.epoch:
+            # The epoch the node knew is gone (Redis restarted without its data, or failed over to a replica
+            # that lacked it): the new epoch is delivered, but what was acknowledged in the old one may be lost.
+            lost = "history epoch changed (Redis lost it)"
+        if len(entries) > self.replay_limit:
+            entries = entries[:self.replay_limit]
+            lost = f"more than {self.replay_limit} messages missed"
+        return Missed(entries, lost)
 
     def _read(self, key: tuple[Any, ...], script: str, keys: list[str], args: list[str],
               judge: Callable[[Any, Any], Any], since: Since | None) -> defer.Deferred[Any]:

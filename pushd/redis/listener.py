@@ -43,7 +43,8 @@ class Listener:
     log = Logger()
 
     def __init__(self, reactor: Any, target: RedisTarget, routes: Mapping[str, MessageHandler], *, timeout: int,
-                 begin_batch: Callable[[], None], flush: Callable[[], None]) -> None:
+                 begin_batch: Callable[[], None], flush: Callable[[], None],
+                 lost: Callable[[], None] = lambda: None, back: Callable[[], None] = lambda: None) -> None:
         self._reactor = reactor
         self._target = target
         self._timeout = timeout
@@ -51,6 +52,9 @@ class Listener:
         self.patterns = [prefix + "*" for prefix in routes]
         self.begin_batch = begin_batch
         self.flush = flush
+        #: Told when the subscription is lost after it first held, and when it holds again.
+        self._on_lost = lost
+        self._on_back = back
         self._link: RedisLink | None = None
         self._first: defer.Deferred[None] = defer.Deferred()
         self.subscriptions = 0
@@ -76,6 +80,8 @@ class Listener:
                           patterns=" ".join(self.patterns), target=self._target.display)
             if not self._first.called:
                 self._first.callback(None)
+            else:
+                self._on_back()
 
         def failed(failure: Any) -> None:
             self.log.warn("PSUBSCRIBE {patterns} failed ({error}); reconnecting",
@@ -87,7 +93,9 @@ class Listener:
     def _lost(self, conn: Any) -> None:
         if self._link is None:
             return
-        self.log.warn("Redis listener connection lost; reconnecting to {target}", target=self._target.display)
+        self.log.info("Redis listener connection lost; reconnecting to {target}", target=self._target.display)
+        if self._first.called:
+            self._on_lost()
 
     def received(self, channel: bytes, payload: bytes) -> None:
         for prefix, length, handler in self._routes:

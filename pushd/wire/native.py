@@ -172,6 +172,11 @@ def encode_authenticated(user: str, expires: float, request_id: RequestId) -> by
     return _encode(_with_id({"op": "authenticated", "user": user, "expires": int(expires)}, request_id))
 
 
+def encode_missed(topic: str, reason: str) -> bytes:
+    """The node may have missed messages of `topic`: the client refetches, or subscribes again with `since`."""
+    return _encode({"op": "missed", "topic": topic, "reason": reason})
+
+
 def encode_refresh() -> bytes:
     return b'{"op":"refresh"}'
 
@@ -229,8 +234,10 @@ class NativeCodec:
             return [encode_refresh()]
         if isinstance(event, Error):
             return [encode_error(event)]
-        if isinstance(event, (Connected, HistoryPage, PresenceCount, Lost)):
-            return []  # this protocol has no connect command, history reads, presence or position tracking
+        if isinstance(event, Lost):
+            return [encode_missed(event.topic, event.reason)]
+        if isinstance(event, (Connected, HistoryPage, PresenceCount)):
+            return []  # this protocol has no connect command, history reads or presence
         raise TypeError(f"no frame for {event!r}")
 
     def _started(self, event: Started) -> list[bytes]:

@@ -1,0 +1,166 @@
+"""Redis faults against a real node: what the API acknowledged reaches every connected subscriber, or they are told.
+
+Real processes only: a `twistd -n pushd` node, a redis-server killed with -9 and restarted on the same port (it
+keeps no data), or the node's PSUBSCRIBE connection killed by Redis itself (`CLIENT KILL TYPE pubsub`, what
+Redis does to a subscriber over its output buffer limit) while the command connection stays up.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.integration.pushd_process import Client, PushdProcess, eventually
+
+CLIENTS = 8
+#: Seconds of steady publishing before the fault, and after the node is back.
+BEFORE, AFTER = 1.0, 3.0
+
+
+class Collector:
+    """Reads every frame one client gets, on a thread, until stopped."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.frames: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = self.client.ws.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            except Exception:
+                return
+            self.frames.append(json.loads(text))
+
+    def numbers(self, topic: str) -> list[int]:
+        return [f["data"]["n"] for f in list(self.frames) if f.get("topic") == topic and "op" not in f]
+
+    def missed(self) -> list[dict[str, Any]]:
+        return [f for f in list(self.frames) if f.get("op") == "missed"]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+class Publisher:
+    """Publishes {"n": 0, 1, 2, ...} to a topic through the API every 10 ms; remembers what was acknowledged."""
+
+    def __init__(self, node: PushdProcess, topic: str) -> None:
+        self.node = node
+        self.topic = topic
+        self.acknowledged: list[int] = []
+        self.refused: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                status, _ = self.node.api("POST", "/api/publish", {"topic": self.topic, "data": {"n": n}}, timeout=3)
+            except Exception:
+                status = -1
+            if status == 200:
+                self.acknowledged.append(n)
+            else:
+                self.refused[status] = self.refused.get(status, 0) + 1
+            n += 1
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def run_fault(node: PushdProcess, fault: Callable[[], None]) -> tuple[Publisher, list[Collector]]:
+    collectors = []
+    for _ in range(CLIENTS):
+        client = node.client()
+        client.subscribe("T", "P")
+        collectors.append(Collector(client))
+    publisher = Publisher(node, "T")
+    try:
+        time.sleep(BEFORE)
+        fault()
+        eventually(lambda: node.api("GET", "/api/nodes")[0] == 200 and len(publisher.acknowledged) > 0, timeout=30)
+        # Steady publishing again, now that the node takes requests.
+        back = len(publisher.acknowledged)
+        eventually(lambda: len(publisher.acknowledged) > back + int(AFTER * 50), timeout=30)
+    finally:
+        publisher.stop()
+    acknowledged = set(publisher.acknowledged)
+    for collector in collectors:
+        eventually(lambda c=collector: acknowledged <= set(c.numbers("T")), timeout=20)  # type: ignore[misc]
+    return publisher, collectors
+
+
+def assert_delivered_once_in_order(publisher: Publisher, collectors: list[Collector]) -> None:
+    acknowledged = set(publisher.acknowledged)
+    for collector in collectors:
+        got = collector.numbers("T")
+        assert acknowledged <= set(got), sorted(acknowledged - set(got))
+        assert len(got) == len(set(got)), "a message arrived twice"
+        assert got == sorted(got), "messages arrived out of order"
+
+
+def assert_one_line_per_outage(node: PushdProcess, outages: int) -> None:
+    node.drain()
+    assert node.log.count("Redis outage:") == outages, node.log
+    assert node.log.count("API: the push cluster cannot take requests") <= outages, node.log
+    assert "Traceback" not in node.log, node.log
+
+
+@pytest.fixture
+def node(tmp_path: Any, redis_server: Any) -> Any:
+    with PushdProcess(tmp_path, "--history-rules", "P=0/0", redis=redis_server.url, tls=False,
+                      node_id="faulty") as node:
+        yield node
+
+
+def test_a_lost_listener_catches_up_what_the_api_acknowledged_meanwhile(node: PushdProcess,
+                                                                       redis_server: Any) -> None:
+    """Redis cuts the node's PSUBSCRIBE connection; the command connection stays up and the API keeps answering.
+
+    Before: every publish acknowledged until the listener was back (about a second) reached nobody.
+    """
+    redis = redis_server.client()
+    publisher, collectors = run_fault(node, lambda: redis.client_kill_filter(_type="pubsub"))
+    for collector in collectors:
+        collector.stop()
+    assert_delivered_once_in_order(publisher, collectors)
+    # The plain-PUBLISH topic P cannot be caught up: its subscribers are told.
+    assert all([m["topic"] for m in c.missed()] == ["P"] for c in collectors), [c.missed() for c in collectors]
+    assert_one_line_per_outage(node, 1)
+    status, body = node.api("GET", "/api/nodes")
+    assert status == 200
+    [info] = body["nodes"]
+    assert info["outages"] == 1 and info["listening"] is True and info["caught_up_topics"] == 1
+
+
+def test_a_redis_restart_loses_no_acknowledged_publish_and_tells_what_it_cannot_know(node: PushdProcess,
+                                                                                    redis_server: Any) -> None:
+    """Redis is killed with -9 and comes back empty after 3 s: the API says 503 while the node cannot deliver, and
+    the history the node knew is gone, so subscribers are told of both topics (what was acknowledged just before
+    the crash may be lost with Redis' data)."""
+    publisher, collectors = run_fault(node, lambda: redis_server.restart(kill=True, down=3))
+    for collector in collectors:
+        collector.stop()
+    assert_delivered_once_in_order(publisher, collectors)
+    assert publisher.refused.get(503, 0) > 0, publisher.refused
+    assert set(publisher.refused) <= {503}, publisher.refused
+    for collector in collectors:
+        assert sorted(m["topic"] for m in collector.missed()) == ["P", "T"], collector.missed()
+    assert_one_line_per_outage(node, 1)
