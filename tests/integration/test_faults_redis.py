@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from websockets.sync.client import connect
 
 from tests.integration.pushd_process import Client, PushdProcess, eventually
 
@@ -54,6 +55,44 @@ class Collector:
         self.client.close()
 
 
+class CentrifugoCollector(Collector):
+    """The same over Centrifugo's protocol (raw frames, as its SDKs send them); answers the server's pings."""
+
+    def __init__(self, node: PushdProcess) -> None:
+        ws = connect(node.url.replace("/ws", "/connection/websocket"), open_timeout=5, close_timeout=5,
+                     legacy=True)
+        ws.send(json.dumps({"id": 1, "connect": {}}))
+        assert "connect" in json.loads(ws.recv(5))
+        for n, channel in enumerate(("T", "P"), start=2):
+            ws.send(json.dumps({"id": n, "subscribe": {"channel": channel}}))
+            assert "subscribe" in json.loads(ws.recv(5))
+        super().__init__(Client(ws))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = self.client.ws.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            except Exception:
+                return
+            for line in str(text).splitlines():
+                if line == "{}":
+                    self.client.ws.send("{}")
+                else:
+                    self.frames.append(json.loads(line))
+
+    def numbers(self, topic: str) -> list[int]:
+        return [f["push"]["pub"]["data"]["n"] for f in self.pubs(topic)]
+
+    def pubs(self, topic: str) -> list[dict[str, Any]]:
+        return [f for f in list(self.frames) if f.get("push", {}).get("channel") == topic and "pub" in f["push"]]
+
+    def missed(self) -> list[dict[str, Any]]:
+        return [{"topic": f["push"]["channel"], **f["push"]["unsubscribe"]} for f in list(self.frames)
+                if "unsubscribe" in f.get("push", {})]
+
+
 class Publisher:
     """Publishes {"n": 0, 1, 2, ...} to a topic through the API every 10 ms; remembers what was acknowledged."""
 
@@ -85,12 +124,13 @@ class Publisher:
         self._thread.join(10)
 
 
-def run_fault(node: PushdProcess, fault: Callable[[], None]) -> tuple[Publisher, list[Collector]]:
-    collectors = []
+def run_fault(node: PushdProcess, fault: Callable[[], None], centrifugo: int = 0) -> tuple[Publisher, list[Collector]]:
+    collectors: list[Collector] = []
     for _ in range(CLIENTS):
         client = node.client()
         client.subscribe("T", "P")
         collectors.append(Collector(client))
+    collectors += [CentrifugoCollector(node) for _ in range(centrifugo)]
     publisher = Publisher(node, "T")
     try:
         time.sleep(BEFORE)
@@ -137,12 +177,17 @@ def test_a_lost_listener_catches_up_what_the_api_acknowledged_meanwhile(node: Pu
     Before: every publish acknowledged until the listener was back (about a second) reached nobody.
     """
     redis = redis_server.client()
-    publisher, collectors = run_fault(node, lambda: redis.client_kill_filter(_type="pubsub"))
+    publisher, collectors = run_fault(node, lambda: redis.client_kill_filter(_type="pubsub"), centrifugo=2)
     for collector in collectors:
         collector.stop()
     assert_delivered_once_in_order(publisher, collectors)
-    # The plain-PUBLISH topic P cannot be caught up: its subscribers are told.
+    # The plain-PUBLISH topic P cannot be caught up: its subscribers are told (Centrifugo's SDKs subscribe again).
     assert all([m["topic"] for m in c.missed()] == ["P"] for c in collectors), [c.missed() for c in collectors]
+    for collector in collectors:
+        if isinstance(collector, CentrifugoCollector):
+            offsets = [f["push"]["pub"]["offset"] for f in collector.pubs("T")]
+            assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), "a gap in the offsets"
+            assert collector.missed() == [{"topic": "P", "code": 2500, "reason": "insufficient state"}]
     assert_one_line_per_outage(node, 1)
     status, body = node.api("GET", "/api/nodes")
     assert status == 200

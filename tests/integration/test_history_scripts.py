@@ -14,6 +14,7 @@ import pytest
 
 from pushd.recovery import Position, offset_key
 from pushd.redis.history import (
+    CATCH_UP_SCRIPT,
     PAGE_SCRIPT,
     PUBLISH_SCRIPT,
     RECOVER_SCRIPT,
@@ -303,3 +304,19 @@ def test_one_eval_publishes_several_messages_in_order(r):
         (b"p:pub:A", (Position(reply[0].decode(), reply[1].decode(), reply[2]), b"a")),
         (b"p:pub:B", (Position(reply[3].decode(), reply[4].decode(), reply[5]), b"b"))]
     assert r.xlen(KEYS.stream("A")) == 1 and r.ttl(KEYS.meta("B")) > 0
+
+
+def test_the_catch_up_script_reads_after_a_position_or_the_whole_stream_of_another_epoch(r):
+    first, epoch, _ = publish(r, "A", b"1")
+    publish(r, "A", b"2")
+    publish(r, "A", b"3")
+    publish(r, "B", b"b1")
+    count = 10
+    reply = r.eval(CATCH_UP_SCRIPT, 6, KEYS.stream("A"), KEYS.meta("A"), KEYS.stream("B"), KEYS.meta("B"),
+                   KEYS.stream("C"), KEYS.meta("C"), count, "(" + first, epoch, "(" + first, "another epoch",
+                   "0-0", "")
+    (a_epoch, a_top, a_entries), (b_epoch, _, b_entries), (c_epoch, c_top, c_entries) = reply
+    assert (a_epoch.decode(), a_top) == (epoch, 3) and numbers(a_entries) == [2, 3]
+    # B's epoch is not the one the node knew: all of it is read, even what lies before the start given.
+    assert numbers(b_entries) == [1] and b_epoch is not None
+    assert (c_epoch, c_top, c_entries) == (None, 0, [])

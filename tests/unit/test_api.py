@@ -18,11 +18,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from pushd import openapi, protocol
-from pushd.api import ROUTES, api_site
+from pushd.api import ROUTES, BackendHealth, Unavailable, api_site
 from pushd.origins import parse_policy
 from pushd.recovery import Position
 
@@ -605,6 +605,39 @@ def test_a_failing_backend_answers_503_and_logs_the_failure(failures, name, rais
     answer = api.request(method, path, body)
     assert answer.status == 503 and answer.error()[0] == "unavailable"
     assert len(failures) == 1 and isinstance(failures[0]["log_failure"].value, RuntimeError)
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_a_backend_that_cannot_deliver_now_answers_503_with_its_reason_and_retry_after(failures, name):
+    api = Api()
+    api.backend.failure = Unavailable("this node is not receiving from Redis (reconnecting)")
+    api.backend.raises = True
+    method, path, body = SAMPLES[name]
+    answer = api.request(method, path, body)
+    assert answer.status == 503 and answer.header("Retry-After") == "1"
+    assert answer.error() == ("unavailable", "this node is not receiving from Redis (reconnecting)")
+    assert failures == []
+
+
+def test_an_outage_is_one_warning_then_one_line_when_the_backend_answers_again(failures):
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        api = Api()
+        api.site.resource.health = BackendHealth(clock=lambda: 7.0)
+        api.backend.failure = TimeoutError("redis: EVAL on redis://127.0.0.1:6379 got no answer within 5s")
+        for _ in range(3):
+            assert api.request("POST", "/api/publish", {"topic": "t", "data": 1}).status == 503
+        api.backend.failure = None
+        assert api.request("POST", "/api/publish", {"topic": "t", "data": 1}).status == 200
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(e) for e in events if e.get("log_namespace") == "pushd.api"]
+    assert said == [
+        ("API: the push cluster cannot take requests (publish: redis: EVAL on redis://127.0.0.1:6379 got no answer "
+         "within 5s); answering 503 until it can"),
+        "API: the push cluster answers again after 0.0 s; 3 requests got 503"]
+    assert failures == []
 
 
 def test_a_backend_answer_the_api_cannot_use_is_500_without_a_traceback(api, failures):

@@ -17,6 +17,7 @@ from pushd.redis.history import (
     HistoryKeys,
     HistoryPolicies,
     HistoryPolicy,
+    Missed,
     RecoveryFailed,
     Replay,
     StreamTop,
@@ -460,3 +461,45 @@ def test_malformed_envelopes_are_none(message):
 def test_the_largest_offset_is_an_envelope():
     assert parse_envelope(b"18446744073709551615-18446744073709551615 e\nx") == (
         Position("18446744073709551615-18446744073709551615", "e"), b"x")
+
+
+# -- catching up after an outage ------------------------------------------------------------------------------
+
+def test_missed_reads_every_topic_in_one_script_from_its_last_position_or_the_floor():
+    link, history = make_history(replay_limit=3)
+    d = history.missed([("A", at("5-0", "e", 5), "(9-0"), ("B", None, "(9-0")])
+    [(method, (_, keys, args))] = link.calls
+    assert method == "eval"
+    assert keys == ["p:history:A", "p:meta:A", "p:history:B", "p:meta:B"]
+    assert args == ["4", "(5-0", "e", "(9-0", ""]
+    link.answer([["e", "7", entries("6-0", "7-0", seqs=[6, 7])], ["f", "1", entries("10-0")]])
+    a, b = results(d)
+    assert [p.seq for p, _ in a.entries] == [6, 7] and a.lost is None
+    assert [p.offset for p, _ in b.entries] == ["10-0"] and b.lost is None
+
+
+def test_missed_from_another_epoch_is_delivered_and_told_lost():
+    link, history = make_history()
+    d = history.missed([("A", at("5-0", "old", 5), "0-0")])
+    link.answer([["new", "2", entries("20-0", "21-0")]])
+    [missed] = results(d)
+    assert [(p.epoch, p.seq) for p, _ in missed.entries] == [("new", 1), ("new", 2)]
+    assert missed.lost == "history epoch changed (Redis lost it)"
+
+
+def test_missed_with_no_history_left_is_lost_only_for_a_topic_that_had_a_position():
+    link, history = make_history()
+    d = history.missed([("A", at("5-0", "e", 5), "0-0"), ("B", None, "0-0")])
+    link.answer([[None, "0", []], [None, "0", []]])
+    a, b = results(d)
+    assert a.entries == () and a.lost == "history was lost (Redis lost its data)"
+    assert b == Missed((), None)
+
+
+def test_more_missed_than_the_replay_limit_delivers_the_limit_and_tells_lost():
+    link, history = make_history(replay_limit=2)
+    d = history.missed([("A", at("1-0", "e", 1), "0-0")])
+    link.answer([["e", "4", entries("2-0", "3-0", "4-0", seqs=[2, 3, 4])]])
+    [missed] = results(d)
+    assert [p.seq for p, _ in missed.entries] == [2, 3]
+    assert missed.lost == "more than 2 messages missed"
