@@ -225,6 +225,14 @@ class Lost:
 
 
 @dataclass(frozen=True, slots=True)
+class Revoked:
+    """A refreshed token no longer allows these subscriptions: the server has unsubscribed them, for good."""
+
+    topics: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     command: HistoryRead
     entries: tuple[tuple[Position, bytes], ...]
@@ -240,7 +248,7 @@ class PresenceCount:
 
 
 Event = (Connected | Subscribed | Started | Unsubscribed | Ponged | Authenticated | RefreshNeeded | Lost
-         | HistoryPage | PresenceCount | Error)
+         | Revoked | HistoryPage | PresenceCount | Error)
 
 
 # -- topic rules --------------------------------------------------------------------------------------------
