@@ -227,6 +227,14 @@ class Lost:
 
 
 @dataclass(frozen=True, slots=True)
+class Revoked:
+    """A refreshed token no longer allows these subscriptions: the server has unsubscribed them, for good."""
+
+    topics: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     command: HistoryRead
     entries: tuple[tuple[Position, bytes], ...]
@@ -242,7 +250,7 @@ class PresenceCount:
 
 
 Event = (Connected | Subscribed | Started | Unsubscribed | Ponged | Authenticated | RefreshNeeded | Lost
-         | HistoryPage | PresenceCount | Error)
+         | Revoked | HistoryPage | PresenceCount | Error)
 
 
 # -- topic rules --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pushd.protocol import (
     PresenceCount,
     PresenceStats,
     RefreshNeeded,
+    Revoked,
     Started,
     Subscribe,
     Subscribed,
@@ -54,6 +55,9 @@ from pushd.wire import Wire
 
 #: Refused frames are counted over this many seconds against the bad-frame limit.
 BAD_FRAME_WINDOW = 60.0
+
+#: Why a refresh unsubscribed a connection from topics it had.
+REVOKED_REASON = "token no longer allows these topics"
 
 #: What `Hub.pruned` counts a server-side close as.
 _PRUNED = {
@@ -151,6 +155,9 @@ class Session:
         self._bad_frames = 0
         self._bad_window_start = 0.0
         self._timers: dict[str, Any] = {}
+        #: Topics whose history is being read (held subscriptions), and those of them a refresh took back.
+        self._reading: set[str] = set()
+        self._revoked_reads: set[str] = set()
 
     # -- life ---------------------------------------------------------------------------------------------
 
@@ -287,7 +294,22 @@ class Session:
             return
         identity = self.identity
         assert identity is not None
+        self._revoke_forbidden()
         self._send(Authenticated(command, self.conn_id, identity.user, identity.expires, self._ttl(identity.expires)))
+
+    def _revoke_forbidden(self) -> None:
+        """Take back the subscriptions (topics, patterns, held ones) the new identity no longer allows.
+
+        The rule is the one `_subscribe` applies; the authorize hook is not asked again, since what it is given,
+        the connection's request, is the same as when it allowed them.
+        """
+        permissions = self._services.auth.permissions
+        refused = tuple(sorted(t for t in self.topics if not permissions.may_subscribe(self.identity, t)))
+        if not refused:
+            return
+        self._revoked_reads.update(self._reading.intersection(refused))
+        self._services.hub.unsubscribe(self, refused)
+        self._send(Revoked(refused, REVOKED_REASON))
 
     def _authenticate(self, token: str) -> bool:
         """Check a token from the URL; a bad one closes the connection."""
@@ -438,10 +460,18 @@ class Session:
                 self._refuse(Error(ErrorCode.RECOVERY_FAILED, "this server keeps no history", command.id,
                                    tuple(command.since) or command.topics))
             return
+        self._reading.update(reads)
         for topic, read in reads.items():
             read().addBoth(self._history_read, command, topic)
 
     def _history_read(self, result: Any, command: Subscribe, topic: str) -> None:
+        self._reading.discard(topic)
+        if topic in self._revoked_reads:
+            # A refresh took the subscription (and its hold) back mid-read: its subscribe is still answered, as
+            # a Centrifugo SDK waits for the reply, with a refusal.
+            self._revoked_reads.discard(topic)
+            self._send(Error(ErrorCode.FORBIDDEN, REVOKED_REASON, command.id, (topic,)))
+            return
         held = self._services.hub.release(self, topic)
         if held is None or self._closed:
             return

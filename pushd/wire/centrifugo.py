@@ -34,6 +34,7 @@ from pushd.protocol import (
     PresenceStats,
     RefreshNeeded,
     RequestId,
+    Revoked,
     Started,
     Subscribe,
     Subscribed,
@@ -83,6 +84,10 @@ CLOSE_CODES = {
     Disconnect.BAD_REQUEST: (3501, "bad request"),
     Disconnect.AUTH_REQUIRED: (3502, "stale"),
 }
+
+#: The unsubscribe push code for subscriptions a refreshed token no longer allows: Centrifugo's "server
+#: unsubscribe". Below 2500 the SDKs take it as final (the subscription goes to unsubscribed, no resubscribe).
+REVOKED_CODE = 2000
 
 _METHODS = ("connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats", "history", "rpc",
             "refresh", "sub_refresh", "send")
@@ -284,6 +289,10 @@ class CentrifugoCodec:
             # "Insufficient state": the SDKs subscribe again at once, recovering from their last offset.
             return [b'{"push":{"channel":"' + event.topic.encode()
                     + b'","unsubscribe":{"code":2500,"reason":"insufficient state"}}}']
+        if isinstance(event, Revoked):
+            reason = json.dumps({"code": REVOKED_CODE, "reason": event.reason}, separators=(",", ":")).encode()
+            return [b'{"push":{"channel":"' + topic.encode() + b'","unsubscribe":' + reason + b"}}"
+                    for topic in event.topics]
         if isinstance(event, Error):
             return [encode_error(event)] if event.id is not None else []
         if isinstance(event, (Ponged, RefreshNeeded)):

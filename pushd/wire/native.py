@@ -27,6 +27,7 @@ from pushd.protocol import (
     PresenceCount,
     RefreshNeeded,
     RequestId,
+    Revoked,
     Started,
     Subscribe,
     Subscribed,
@@ -177,6 +178,11 @@ def encode_missed(topic: str, reason: str) -> bytes:
     return _encode({"op": "missed", "topic": topic, "reason": reason})
 
 
+def encode_revoked(topics: tuple[str, ...], reason: str) -> bytes:
+    """Subscriptions the server ended (no id: no request asked for it); a client drops them as for `unsubscribed`."""
+    return _encode({"op": "unsubscribed", "topics": list(topics), "reason": reason})
+
+
 def encode_refresh() -> bytes:
     return b'{"op":"refresh"}'
 
@@ -232,6 +238,8 @@ class NativeCodec:
             return [encode_authenticated(event.user, event.expires, event.command.id)]
         if isinstance(event, RefreshNeeded):
             return [encode_refresh()]
+        if isinstance(event, Revoked):
+            return [encode_revoked(event.topics, event.reason)]
         if isinstance(event, Error):
             return [encode_error(event)]
         if isinstance(event, Lost):

@@ -3,7 +3,8 @@
 // Usage: node centrifuge_client.mjs CONFIG_JSON
 //   CONFIG_JSON: {"url": "wss://localhost:PORT/connection/websocket", "ca": "cert.pem", "token": "...",
 //                 "secret": "...", "sub": "alice", "tokenTtls": [2, 3600]}
-//   With "secret", getToken signs a fresh HS256 token for "sub" that lives the next of "tokenTtls" seconds.
+//   With "secret", getToken signs a fresh HS256 token for "sub" that lives the next of "tokenTtls" seconds; with
+//   "tokenChannels" too (a list of channel lists), the token's `channels` claim is the next of them.
 // Prints one JSON object per line for every event the SDK emits ({"event": "publication", ...}), and reads
 // commands from stdin, one JSON object per line:
 //   {"cmd": "subscribe", "channel": C}    {"cmd": "unsubscribe", "channel": C}
@@ -40,9 +41,12 @@ function base64url(value) {
 let issued = 0;
 async function getToken() {
   const ttl = config.tokenTtls[Math.min(issued, config.tokenTtls.length - 1)];
+  const lists = config.tokenChannels;
+  const channels = lists ? { channels: lists[Math.min(issued, lists.length - 1)] } : {};
   issued += 1;
   emit('token', { n: issued, ttl });
-  const body = `${base64url({ alg: 'HS256', typ: 'JWT' })}.${base64url({ sub: config.sub, exp: Math.floor(Date.now() / 1000) + ttl })}`;
+  const claims = { sub: config.sub, exp: Math.floor(Date.now() / 1000) + ttl, ...channels };
+  const body = `${base64url({ alg: 'HS256', typ: 'JWT' })}.${base64url(claims)}`;
   return `${body}.${createHmac('sha256', config.secret).update(body).digest('base64url')}`;
 }
 
