@@ -142,8 +142,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bad-frame-limit", "20", _integer(1),
             "Bad frames a client may send within 60 seconds before it is closed with code 1008."),
     Setting("high-water-mark", "1048576", _integer(1024),
-            "Bytes of outbound data a connection may have waiting once its socket is full; past it the "
-            "connection is a slow consumer and is closed."),
+            "Bytes of outbound data pushd may hold for a connection whose socket is full (replies, pongs and "
+            "messages alike, counted as sent: TLS records included); past it, or when the client has read nothing "
+            "for ping-timeout seconds, it is a slow consumer and is closed (docs/architecture.md)."),
+    Setting("max-request-size", "16384", _integer(1024, 1024 * 1024),
+            "Largest WebSocket upgrade request (request line and headers, cookies included), in bytes; a larger "
+            "one is answered 431 Request Header Fields Too Large and closed before more of it is read."),
+    Setting("handshake-timeout", "5", _integer(1, 600),
+            "Seconds a client has to send its whole upgrade request after connecting (else 408 Request Timeout "
+            "and close). Whole seconds only."),
     Setting("ping-interval", "25", _integer(0, 3600),
             "Seconds between server pings to each client; 0 turns them off. Whole seconds only."),
     Setting("ping-timeout", "10", _integer(1, 3600),
@@ -222,6 +229,8 @@ class Config:
     max_frame_size: int = 65536
     bad_frame_limit: int = 20
     high_water_mark: int = 1048576
+    max_request_size: int = 16384
+    handshake_timeout: int = 5
     ping_interval: int = 25
     ping_timeout: int = 10
     task_workers: int = 4

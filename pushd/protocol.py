@@ -55,6 +55,8 @@ class Disconnect(Enum):
     BAD_REQUEST = "bad_request"
     #: The client did not answer an application-level ping in time.
     NO_PONG = "no_pong"
+    #: The client does not read: more than the high-water mark waited for it, or it read nothing for ping-timeout.
+    SLOW = "slow"
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,9 +50,13 @@ DOC_TAIL = """
   left). Use `--listen tcp:8080` for plain `ws://` behind a TLS-terminating proxy.
 - **Whole seconds for pings.** Autobahn's timers are rounded down to whole seconds by txaio, so sub-second
   ping settings would drop healthy clients; the settings only accept whole seconds.
-- **Slow consumers.** A connection is a slow consumer once its socket is full and more than
-  `high-water-mark` bytes are waiting in pushd for it; it is closed at once (no close handshake: it could not
-  read one) and counted.
+- **Slow consumers.** While a client's socket is full pushd stops reading from it, so what it sends cannot make
+  pushd hold more for it. It is a slow consumer once more than `high-water-mark` bytes (replies, pongs and
+  messages alike) wait in pushd for it, or once it has read nothing for `ping-timeout` seconds; it leaves the
+  index at once, gets a close frame (4004 in pushd's protocol, 3008 "slow" in Centrifugo's), is cut a second
+  later whether it read that or not, and is counted (`slow_consumer`).
+- **Bounded upgrade requests.** An upgrade request larger than `max-request-size` (16 KiB: big cookies fit) gets
+  431 and one not complete within `handshake-timeout` (5 s) gets 408; both are closed before more is read.
 - **HTTP API on loopback by default.** `api-listen` is `127.0.0.1:8081`; without `api-key` pushd refuses any
   address that is not loopback, so an API without keys is never reachable from the network by mistake.
 - **Pages from other sites refused by default.** A WebSocket handshake whose `Origin` names another host or

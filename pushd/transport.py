@@ -8,9 +8,11 @@ sends first and queues only what the socket did not take, as asyncio does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
 class WriteThroughServer(tcp.Server):
@@ -40,3 +42,20 @@ def write_through(port: Any) -> None:
     """Make the connections a listening port accepts from now on `WriteThroughServer`s (TCP ports only)."""
     if isinstance(port, tcp.Port) and port.transport is tcp.Server:
         port.transport = WriteThroughServer
+
+
+def queued_bytes(transport: Any) -> Callable[[], int] | None:
+    """A function telling how many bytes `transport` holds that its socket has not taken, if it can tell.
+
+    A TLS layer passes its records on to the TCP transport below it at once, so that is where they wait. None for
+    transports without a socket buffer of their own (test transports).
+    """
+    socket_end = transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
+    if not isinstance(socket_end, abstract.FileDescriptor):
+        return None
+    fd = socket_end
+
+    def queued() -> int:
+        return fd._tempDataLen + len(fd.dataBuffer) - fd.offset
+
+    return queued

@@ -8,12 +8,14 @@ protocol: frame limits, backpressure (slow consumers), WebSocket pings and the c
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer
+from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,9 +24,12 @@ from pushd.origins import SAME_HOST, OriginPolicy
 from pushd.protocol import Disconnect
 from pushd.session import Services, Session
 from pushd.tls import direct_writer
+from pushd.transport import queued_bytes
 from pushd.wire import Wire, centrifugo, native
 
 CLOSE_UNSUPPORTED_DATA = 1003
+#: Seconds a slow consumer's close frame has to get out before the connection is cut (it may never read it).
+SLOW_CLOSE_GRACE = 1.0
 _NO_HEADERS: dict[str, str] = {}
 
 
@@ -43,8 +48,14 @@ class PushConnection(WebSocketServerProtocol):
 
     factory: PushFactory
     session: Session | None = None
-    #: Bytes written while the transport is paused (its buffer is full); None while it is not.
-    _backlog: int | None = None
+    #: True while the transport has paused us (its buffer is full): the client is not reading.
+    _paused: bool = False
+    #: Bytes written since the pause, where the transport cannot tell what it holds (see `_fits`).
+    _backlog: int = 0
+    _queued: Callable[[], int] | None = None
+    _stall: DelayedCall | None = None
+    _cut: DelayedCall | None = None
+    _dropped: bool = False
     _wire: Wire = NATIVE
     _request: ConnectionRequest | None = None
     _url_token: str | None = None
@@ -59,6 +70,35 @@ class PushConnection(WebSocketServerProtocol):
             self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
         except (AttributeError, OSError):
             pass  # not a TCP socket (a unix socket, a test transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dropped:
+            return  # refused or dropped: nothing more is read
+        if self.state == WebSocketServerProtocol.STATE_CONNECTING:
+            # Autobahn appends every read to the request so far and searches all of it for its end: a request
+            # that never ends costs memory and time without bound (and quadratic time) until the handshake
+            # timeout. Past max-request-size it is refused before being buffered.
+            limit = self.factory.max_request_size
+            if len(self.data) + len(data) > limit and not 0 <= (self.data + data).find(b"\r\n\r\n") <= limit - 4:
+                self._refuse_request(431, "Request Header Fields Too Large")
+                return
+        super().dataReceived(data)
+
+    def _refuse_request(self, code: int, status: str) -> None:
+        """Answer an upgrade request that is too big or too slow with `code`, and close, reading nothing more."""
+        self._dropped = True
+        self.data = b""
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.failHandshake(status, code)
+
+    def onOpenHandshakeTimeout(self) -> None:
+        if self.state == WebSocketServerProtocol.STATE_CONNECTING and self.data and not self._dropped:
+            # A request that started but did not end in time; a connection that sent nothing (or never
+            # finished its TLS handshake) cannot read an answer and is cut as before.
+            self.openHandshakeTimeoutCall = None
+            self._refuse_request(408, "Request Timeout")
+            return
+        super().onOpenHandshakeTimeout()
 
     def onConnect(self, request: ConnectionRequest) -> None:
         # First of all: a page from another site gets nothing, not even whether the path exists.
@@ -86,6 +126,7 @@ class PushConnection(WebSocketServerProtocol):
         transport: Any = self.transport
         # Bound once: the hot path writes through it without attribute lookups.
         self._transport_write = direct_writer(transport)
+        self._queued = queued_bytes(transport)
         transport.registerProducer(self, True)
         self.session = Session(self.factory.services, self, self._wire, self.factory.next_conn_id(),
                                url_token=self._url_token, request=self._request)
@@ -95,25 +136,58 @@ class PushConnection(WebSocketServerProtocol):
     # -- IPushProducer: the transport tells us when its buffer is full ---------------------------------
 
     def pauseProducing(self) -> None:
-        if self._backlog is None:
-            self._backlog = 0
+        # The client is not reading: stop reading from it too, so that what it sends (each frame may ask for a
+        # reply) cannot make the node hold more for it; it must read again within ping-timeout or be dropped.
+        self._paused = True
+        self._backlog = 0
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        if self._stall is None:
+            self._stall = self.factory.services.clock.callLater(self.factory.ping_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
-        self._backlog = None
+        self._paused = False
+        self._cancel_stall()
+        if not self._dropped:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def stopProducing(self) -> None:
         pass
 
+    def _stalled(self) -> None:
+        self._stall = None
+        self.drop("slow_consumer")
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+
+    def _fits(self, size: int) -> bool:
+        """Whether `size` more bytes keep what the node holds for this paused client within the high-water mark.
+
+        What the transport holds is measured where it can tell (TCP and TLS over TCP: encrypted bytes, records'
+        overhead included); elsewhere the bytes written since the pause are counted. Over the mark the client is
+        dropped as a slow consumer.
+        """
+        if self._dropped:
+            return False
+        queued = self._queued
+        if queued is None:
+            self._backlog += size
+            held = self._backlog
+        else:
+            held = queued() + size
+        if held > self.factory.high_water_mark:
+            self.drop("slow_consumer")
+            return False
+        return True
+
     # -- Connection ---------------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
-        backlog = self._backlog
-        if backlog is not None:
-            backlog += len(data)
-            if backlog > self.factory.high_water_mark:
-                self.drop("slow_consumer")
-                return False
-            self._backlog = backlog
+        if self._paused and not self._fits(len(data)):
+            return False
         try:
             self._transport_write(data)
         except Exception:
@@ -121,12 +195,30 @@ class PushConnection(WebSocketServerProtocol):
             return False
         return True
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own frames (pongs, pings, close frames) count against the limit like the session's.
+        if self._paused and not self._dropped and not self._fits(len(data)):
+            return
+        super().sendData(data, sync, chopsize)
+
     def drop(self, reason: str) -> None:
-        """Take the connection out of the index at once, count why, and cut it."""
+        """Take the connection out of the index at once, count why, and cut it.
+
+        A slow consumer is told why first (Disconnect.SLOW, in its protocol's code) and cut SLOW_CLOSE_GRACE
+        seconds later: it may never read the close frame, and is not waited for.
+        """
+        if self._dropped:
+            return
         hub = self.factory.services.hub
         hub.pruned[reason] += 1
         if self.session is not None:
             hub.remove(self.session)
+        self._dropped = True
+        if reason == "slow_consumer" and self.state == WebSocketServerProtocol.STATE_OPEN:
+            code, text = self._wire.codec.close(Disconnect.SLOW, "not reading")
+            self.sendCloseFrame(code=code, reasonUtf8=text.encode("utf-8"))
+            self._cut = self.factory.services.clock.callLater(SLOW_CLOSE_GRACE, self.dropConnection, abort=True)
+            return
         self.dropConnection(abort=True)
 
     def close_with(self, code: int, reason: str) -> None:
@@ -154,6 +246,9 @@ class PushConnection(WebSocketServerProtocol):
         super().onAutoPingTimeout()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._cancel_stall()
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         if self.session is not None:
             self.session.closed()
             self.factory.closed(self.session)
@@ -169,13 +264,18 @@ class PushFactory(WebSocketServerFactory):
 
     def __init__(self, *, services: Services, node_id: str, wires: dict[str, Wire], max_frame_size: int,
                  high_water_mark: int, ping_interval: int, ping_timeout: int, server: str = "pushd",
-                 origins: OriginPolicy = SAME_HOST) -> None:
+                 origins: OriginPolicy = SAME_HOST, max_request_size: int = 16384,
+                 handshake_timeout: int = 5) -> None:
         super().__init__(server=server)
         self.services = services
         #: Which web pages may open a connection (pushd/origins.py); checked before anything else.
         self.origins = origins
         self.wires = wires
         self.high_water_mark = high_water_mark
+        #: Seconds a client whose output stays paused (it does not read) is kept.
+        self.ping_timeout = ping_timeout
+        #: Largest upgrade request (request line and headers) read; a larger one gets 431.
+        self.max_request_size = max_request_size
         self._node_id = node_id
         self._serial = itertools.count(1)
         self._closing: set[Session] = set()
@@ -187,7 +287,8 @@ class PushFactory(WebSocketServerFactory):
             failByDrop=False,
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout if ping_interval else 0,
-            openHandshakeTimeout=10,
+            # An upgrade request not complete by then gets 408 (PushConnection.onOpenHandshakeTimeout).
+            openHandshakeTimeout=handshake_timeout,
             # A plain HTTP request gets 426 Upgrade Required, not Autobahn's status page (which names the
             # library's version and follows ?redirect= to any URL).
             webStatus=False,

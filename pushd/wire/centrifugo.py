@@ -80,6 +80,7 @@ CLOSE_CODES = {
     Disconnect.TOKEN_EXPIRED: (3005, "connection expired"),
     Disconnect.STALE_TOKEN: (3005, "connection expired"),
     Disconnect.NO_PONG: (3012, "no pong"),
+    Disconnect.SLOW: (3008, "slow"),
     Disconnect.INVALID_TOKEN: (3500, "invalid token"),
     Disconnect.BAD_REQUEST: (3501, "bad request"),
     Disconnect.AUTH_REQUIRED: (3502, "stale"),

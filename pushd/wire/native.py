@@ -49,6 +49,7 @@ class CloseCode:
     INVALID_TOKEN = 4001
     TOKEN_EXPIRED = 4002
     AUTH_REQUIRED = 4003
+    SLOW_CONSUMER = 4004
 
 
 GOING_AWAY = 1001
@@ -62,6 +63,7 @@ _CLOSE_CODES = {
     Disconnect.AUTH_REQUIRED: CloseCode.AUTH_REQUIRED,
     Disconnect.BAD_REQUEST: POLICY_VIOLATION,
     Disconnect.NO_PONG: GOING_AWAY,
+    Disconnect.SLOW: CloseCode.SLOW_CONSUMER,
 }
 
 

@@ -54,6 +54,8 @@ def test_repeatable_listen_option():
     ({"api-cors-origins": "https://a.*.example"}, "api-cors-origins: 'https://a.*.example': '*' may only"),
     ({"listen-backlog": "0"}, "listen-backlog: 0 is out of range (must be between 1 and 65535)"),
     ({"listen-backlog": "many"}, "listen-backlog: 'many' is not a whole number"),
+    ({"max-request-size": "100"}, "max-request-size: 100 is out of range (must be between 1024 and 1048576)"),
+    ({"handshake-timeout": "0.5"}, "handshake-timeout: '0.5' is not a whole number"),
 ])
 def test_bad_values_name_their_setting(given, start):
     with pytest.raises(ConfigError) as error:
@@ -188,3 +190,9 @@ def test_origin_settings_are_parsed_once_into_policies():
     assert defaults.listen_backlog == 1024
     assert not defaults.api_cors_origins.matches("http://127.0.0.1:8081")
     assert defaults.allowed_origins.allows_handshake("https://localhost:8443", "localhost:8443")
+
+
+def test_upgrade_request_bounds_default_to_16_kib_and_5_seconds():
+    defaults = build_config({})
+    assert (defaults.max_request_size, defaults.handshake_timeout) == (16384, 5)
+    assert build_config({"max-request-size": "65536"}).max_request_size == 65536

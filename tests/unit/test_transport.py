@@ -60,3 +60,23 @@ def test_only_plain_tcp_ports_are_switched():
     assert port.transport is WriteThroughServer
     other = object()
     write_through(other)
+
+
+def test_queued_bytes_is_what_the_socket_did_not_take_and_test_transports_have_none():
+    from twisted.internet.testing import StringTransport
+
+    from pushd.transport import queued_bytes
+
+    server, peer, _ = connection()
+    queued = queued_bytes(server)
+    assert queued is not None and queued() == 0
+    big = bytes(range(256)) * 40000
+    server.write(big)
+    waiting = queued()
+    assert 0 < waiting <= len(big)
+    server.write(b"after")
+    assert queued() == waiting + 5
+    received(peer)
+    server.doWrite()
+    assert queued() < waiting + 5
+    assert queued_bytes(StringTransport()) is None

@@ -7,7 +7,8 @@ from twisted.internet.address import IPv4Address
 
 from pushd.hooks import Hooks
 from pushd.protocol import Limits
-from pushd.testing import OP_CLOSE, OP_PING, OP_TEXT, MemoryNode, MemoryTransport, RecordingObserver
+from pushd.testing import OP_CLOSE, OP_PING, OP_TEXT, MemoryClient, MemoryNode, MemoryTransport, RecordingObserver
+from pushd.ws import SLOW_CLOSE_GRACE
 
 
 def close_codes(client):
@@ -123,9 +124,91 @@ def test_slow_consumer_is_dropped_counted_and_unindexed():
     for _ in range(3):
         node.publish("A", b'"' + b"x" * 2000 + b'"')
     assert node.hub.pruned["slow_consumer"] == 1
-    assert slow.transport.disconnecting
     assert node.hub.subscriber_count("A") == 1
     assert len(fast.messages()) == 3
+    # Told why, in its protocol's code, then cut after a short grace whether it read that or not.
+    assert close_codes(slow) == [4004]
+    assert not slow.transport.disconnecting
+    node.clock.advance(SLOW_CLOSE_GRACE)
+    assert slow.transport.disconnecting
+
+
+def test_a_paused_client_is_not_read_from_until_it_reads_again():
+    node = MemoryNode()
+    client = node.connect()
+    client.protocol.pauseProducing()
+    assert client.transport.producerState == "paused"
+    client.protocol.resumeProducing()
+    assert client.transport.producerState == "producing"
+
+
+def test_replies_to_a_client_that_does_not_read_count_against_its_limit():
+    node = MemoryNode(high_water_mark=4096)
+    client = node.connect()
+    client.protocol.pauseProducing()
+    for n in range(200):
+        client.send({"op": "ping", "id": "x" * 60})
+    assert node.hub.pruned["slow_consumer"] == 1
+    assert len(node.hub) == 0
+
+
+def test_autobahns_own_pongs_count_against_the_limit_too():
+    node = MemoryNode(high_water_mark=4096)
+    client = node.connect()
+    client.protocol.pauseProducing()
+    for _ in range(100):
+        client.send_frame(OP_PING, b"p" * 125)
+    assert node.hub.pruned["slow_consumer"] == 1
+    written = len(client.transport.value())
+    for _ in range(100):
+        client.send_frame(OP_PING, b"p" * 125)
+    assert len(client.transport.value()) == written, "nothing more is written once it is dropped"
+
+
+def test_a_client_that_reads_nothing_for_ping_timeout_is_dropped_with_centrifugos_code():
+    node = MemoryNode(ping_timeout=10)
+    client = node.connect("/connection/websocket")
+    client.request({"id": 1, "connect": {}})
+    client.protocol.pauseProducing()
+    node.clock.advance(9)
+    client.protocol.resumeProducing()
+    client.protocol.pauseProducing()
+    node.clock.advance(9)
+    assert node.hub.pruned["slow_consumer"] == 0
+    node.clock.advance(1)
+    assert node.hub.pruned["slow_consumer"] == 1
+    [close] = [f for f in client.frames() if f.opcode == OP_CLOSE]
+    assert close.close_code == 3008 and close.payload[2:] == b"slow: not reading"
+    node.clock.advance(SLOW_CLOSE_GRACE)
+    assert client.transport.disconnecting
+
+
+def test_an_upgrade_request_over_max_request_size_gets_431_before_it_is_buffered():
+    node = MemoryNode()
+    cookie = "c" * 12000  # big cookies, as browsers send, still fit the default 16 KiB
+    assert node.connect(headers={"Cookie": cookie}).status == 101
+    assert node.connect(headers={"Cookie": cookie * 2}).status == 431
+    endless = MemoryClient.__new__(MemoryClient)
+    endless.transport = MemoryTransport()
+    endless.protocol = node.factory.buildProtocol(None)
+    endless.protocol.makeConnection(endless.transport)
+    endless.protocol.dataReceived(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
+    for _ in range(1000):
+        endless.protocol.dataReceived(b"X-Filler: " + b"a" * 100 + b"\r\n")
+        assert len(endless.protocol.data) <= node.factory.max_request_size
+    assert endless.transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert endless.transport.disconnecting
+
+
+def test_an_upgrade_request_not_complete_within_the_handshake_timeout_gets_408():
+    node = MemoryNode()
+    transport = MemoryTransport()
+    protocol = node.factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
+    node.clock.advance(5)
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert transport.disconnecting
 
 
 def test_paused_then_resumed_consumer_is_kept():
