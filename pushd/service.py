@@ -207,7 +207,8 @@ class PushdService(MultiService):
         self.factory = PushFactory(
             services=services, node_id=self.node_id, wires=wires, max_frame_size=config.max_frame_size,
             high_water_mark=config.high_water_mark, ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout, origins=config.allowed_origins)
+            ping_timeout=config.ping_timeout, origins=config.allowed_origins,
+            max_request_size=config.max_request_size, handshake_timeout=config.handshake_timeout)
         for description, endpoint in self._listen:
             try:
                 port = yield endpoint.listen(self.factory)
