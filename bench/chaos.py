@@ -220,7 +220,7 @@ class Client:
                   context: ssl.SSLContext | None) -> None:
         tls: dict[str, Any] = {"ssl": context, "server_hostname": "localhost"} if context is not None else {}
         while True:
-            reason = "closed"
+            reason = ""
             try:
                 async with handshakes:
                     ws = await websockets.connect(self.url, open_timeout=10, ping_interval=None, close_timeout=2,
@@ -234,15 +234,16 @@ class Client:
                         self.on_frame(text, latencies)
                         if self.refused:
                             self.refused = False
+                            reason = "subscribe refused: subscribing again"
                             break
                 finally:
                     self.connected = False
-                    reason = f"close {ws.close_code}" if ws.close_code is not None else "refused, subscribing again"
+                    reason = reason or f"close {ws.close_code}"
                     await ws.close()
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as e:
-                reason = type(e).__name__
+                reason = reason or f"connect failed: {type(e).__name__}"
             self.disconnects.append((now(), reason))
             await asyncio.sleep(0.2 + random.random() * 0.3)
 
