@@ -255,6 +255,7 @@ class Published:
     sent: float
     node: str
     outcome: str = "pending"  # acked, refused:<status>, error:<kind>, no-position
+    answered: float = 0.0
 
 
 @dataclass
@@ -455,6 +456,8 @@ class Chaos:
     async def settle(self, future: asyncio.Future[tuple[int, Any]], batch: list[Published]) -> None:
         status, body = await future
         self.requests[batch[0].node][str(status) if status > 0 else str(body)] += 1
+        for p in batch:
+            p.answered = now()
         if status == 200:
             for p, position in zip(batch, body["results"], strict=True):
                 p.outcome = "acked" if position.get("offset") else "no-position"
@@ -518,11 +521,13 @@ class Chaos:
         unacked = {p.seq for p in self.published if p.outcome != "acked"}
         per_client: list[dict[str, Any]] = []
         missing_by_fault: Counter[str] = Counter()
+        missing_seqs: set[int] = set()
         for c in self.clients:
             expected = {s for t in c.topics for s in by_topic[t]}
             missing = expected - set(c.got)
             told = sum(1 for s in missing if c.told_loss[self.published[s].topic])
             missing_by_fault.update(self.fault_of(self.published[s].sent) for s in missing)
+            missing_seqs |= missing
             per_client.append({
                 "client": c.index, "node": c.node, "expected": len(expected), "missing": len(missing),
                 "missing_told": told, "missing_silent": len(missing) - told,
@@ -548,7 +553,8 @@ class Chaos:
             "faults": [{"kind": f.kind, "start_s": round(f.start - t0, 2), "end_s": round(f.end - t0, 2),
                         "detail": f.detail} for f in self.faults],
             "api": {"messages": len(self.published), "outcomes": dict(outcomes), "acked": outcomes["acked"],
-                    "requests": {node: dict(statuses) for node, statuses in sorted(self.requests.items())}},
+                    "requests": {node: dict(statuses) for node, statuses in sorted(self.requests.items())},
+                    "answer_ms": self.answer_times()},
             "deliveries": {
                 "clients": len(per_client), "expected": total_expected,
                 "received": sum(len(c.got) for c in self.clients),
@@ -562,7 +568,8 @@ class Chaos:
                 "never_disconnected": {"clients": len(never_cut),
                                        "missing": sum(r["missing"] for r in never_cut),
                                        "clients_missing": sum(1 for r in never_cut if r["missing"])},
-                "missing_by_fault": dict(sorted(missing_by_fault.items())),
+                "missing_by_fault": {name: {"deliveries": n, **self.missed_messages(name, missing_seqs)}
+                                     for name, n in sorted(missing_by_fault.items())},
                 "worst": worst,
             },
             "plain": self.plain_loss(),
@@ -576,6 +583,27 @@ class Chaos:
             "client_loop_lag_ms": {"p50": rounded(percentile(lag, 0.5)), "p99": rounded(percentile(lag, 0.99)),
                                    "max": rounded(lag[-1] if lag else None)},
         }
+
+    def missed_messages(self, period: str, seqs: set[int]) -> dict[str, Any]:
+        """The messages of one fault period that some client missed: how many, and when they were sent and
+        answered, in ms from the fault's start."""
+        mine = [self.published[s] for s in seqs if self.fault_of(self.published[s].sent) == period]
+        if not mine or not period[:1].isdigit():
+            return {"messages": len(mine)}
+        start = self.faults[int(period.split(":")[0]) - 1].start
+        return {"messages": len(mine),
+                "sent_ms_from_fault": [round((min(p.sent for p in mine) - start) * 1000),
+                                       round((max(p.sent for p in mine) - start) * 1000)],
+                "answered_ms_from_fault": [round((min(p.answered for p in mine) - start) * 1000),
+                                           round((max(p.answered for p in mine) - start) * 1000)]}
+
+    def answer_times(self) -> dict[str, Any]:
+        """How long POST /api/publish took to answer 200, outside the faults and overall (ms)."""
+        windows = [(f.start - FAULT_MARGIN, (f.end or f.start) + FAULT_MARGIN) for f in self.faults]
+        acked = [p for p in self.published if p.outcome == "acked"]
+        calm = sorted((p.answered - p.sent) * 1000 for p in acked if not any(a <= p.sent <= b for a, b in windows))
+        return {"outside_faults": latency_summary(calm),
+                "all": latency_summary(sorted((p.answered - p.sent) * 1000 for p in acked))}
 
     def periods(self) -> list[tuple[str, float, float]]:
         """Each fault's period: from FAULT_MARGIN before it to FAULT_MARGIN before the next one (the last: to the
@@ -664,6 +692,9 @@ def print_report(doc: dict[str, Any]) -> None:
     line()
     line(f"API publishes: {api['messages']:,} messages; outcomes {api['outcomes']}")
     line(f"  requests by node and status: {api['requests']}")
+    calm_answer, all_answer = api["answer_ms"]["outside_faults"], api["answer_ms"]["all"]
+    line(f"  answer time of the 200s: outside faults p50 {calm_answer['p50']} / p99 {calm_answer['p99']} ms; all: p99 "
+         f"{all_answer['p99']}, max {all_answer['max']} ms")
     line(f"deliveries to subscribed clients (every client stays subscribed for the whole run, reconnecting with "
          f"since): expected {d['expected']:,}, received {d['received']:,}")
     line(f"  missing {d['missing']:,} at {d['clients_missing']:,} of {d['clients']:,} clients "
@@ -672,8 +703,12 @@ def print_report(doc: dict[str, Any]) -> None:
     line(f"  clients never disconnected: {nd['clients']:,}; their missing {nd['missing']:,} at "
          f"{nd['clients_missing']:,} clients")
     line(f"  missing by fault (by publish time, from {FAULT_MARGIN:g} s before a fault to {FAULT_MARGIN:g} s before "
-         f"the next): "
-         f"{d['missing_by_fault'] or '{}'}")
+         f"the next):" + ("" if d["missing_by_fault"] else " none"))
+    for name, m in d["missing_by_fault"].items():
+        when = (f", sent {m['sent_ms_from_fault'][0]:,} to {m['sent_ms_from_fault'][1]:,} ms after the fault began, "
+                f"answered 200 {m['answered_ms_from_fault'][0]:,} to {m['answered_ms_from_fault'][1]:,} ms after it"
+                if "sent_ms_from_fault" in m else "")
+        line(f"    {name:<16} {m['deliveries']:>7,} deliveries of {m['messages']:,} messages{when}")
     line(f"  duplicates {d['duplicates']:,}, out of order {d['out_of_order']:,}, delivered though not "
          f"acknowledged {d['unacked_delivered']:,}")
     for w in d["worst"]:
