@@ -867,7 +867,10 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted; every process started has been stopped", file=sys.stderr)
-    except (BenchError, AssertionError, RuntimeError, TimeLimit, TimeoutError) as e:
+    except TimeoutError:
+        result["error"] = f"the run took longer than --time-limit ({plan.time_limit:g} s, less 30 s to stop)"
+        print(f"chaos: {result['error']}", file=sys.stderr)
+    except (BenchError, AssertionError, RuntimeError, TimeLimit) as e:
         result["error"] = f"{type(e).__name__}: {e}"[-4000:]
         print(f"chaos: {result['error']}", file=sys.stderr)
     finally:
