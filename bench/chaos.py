@@ -339,11 +339,10 @@ class Chaos:
         plan = self.plan
         self.seed_topics()
         self.make_clients()
-        context = None
-        if plan.tls:
-            context = ssl.create_default_context(cafile=self.nodes[0].cert)
+        # each node made its own certificate (in its work directory)
+        contexts = {n.node_id: ssl.create_default_context(cafile=n.cert) if plan.tls else None for n in self.nodes}
         handshakes = asyncio.Semaphore(HANDSHAKES)
-        tasks = [asyncio.create_task(c.run(handshakes, self.latencies, context)) for c in self.clients]
+        tasks = [asyncio.create_task(c.run(handshakes, self.latencies, contexts[c.node])) for c in self.clients]
         lag = asyncio.create_task(self.watch_loop())
         try:
             started = now()
