@@ -189,6 +189,9 @@ class Client:
             for topic in msg.get("topics") or []:
                 self.told_loss[topic] += 1
                 self.positions.pop(topic, None)
+        elif op == "missed":
+            # The node could not catch the topic up (docs/protocol.md, "Redis outages"): the client is told.
+            self.told_loss[str(msg.get("topic"))] += 1
         elif op == "error":
             self.refused = True
 
@@ -697,7 +700,7 @@ def print_report(doc: dict[str, Any]) -> None:
     line(f"deliveries to subscribed clients (every client stays subscribed for the whole run, reconnecting with "
          f"since): expected {d['expected']:,}, received {d['received']:,}")
     line(f"  missing {d['missing']:,} at {d['clients_missing']:,} of {d['clients']:,} clients "
-         f"(target 0): told by recovery_failed {d['missing_told']:,}, silent {d['missing_silent']:,}")
+         f"(target 0): told (recovery_failed or missed) {d['missing_told']:,}, silent {d['missing_silent']:,}")
     nd = d["never_disconnected"]
     line(f"  clients never disconnected: {nd['clients']:,}; their missing {nd['missing']:,} at "
          f"{nd['clients_missing']:,} clients")

@@ -20,6 +20,10 @@ from pushd.redis.target import RedisTarget
 
 ConnectionCallback = Callable[[Any], None]
 
+#: Seconds before the first reconnection attempt and, at most, between later ones.
+RECONNECT_FIRST_DELAY = 0.1
+RECONNECT_MAX_DELAY = 1.0
+
 
 class _Notifying:
     """Factory mixin: calls `ready_callbacks` when a connection is usable, `lost_callbacks` when it is lost."""
@@ -103,7 +107,12 @@ class RedisLink:
             endpoint = client_endpoint(reactor, target, timeout)
         factory.ready_callbacks = []
         factory.lost_callbacks = []
-        factory.maxDelay = 5
+        # Reconnect soon after Redis is back: while the listener is away the node answers 503 and plain
+        # PUBLISHes are lost (docs/redis-state.md), so the wait between attempts is kept short: 0.1 s, doubling,
+        # at most 1 s (a connection attempt a second per link is nothing to a Redis that is down).
+        factory.initialDelay = RECONNECT_FIRST_DELAY
+        factory.factor = 2.0
+        factory.maxDelay = RECONNECT_MAX_DELAY
         self.factory = factory
         self.handler = factory.handler
         factory.startConnecting(endpoint)
