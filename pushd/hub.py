@@ -449,8 +449,8 @@ class Hub:
         return len(self._topics) + len(self._patterns)
 
     def topics(self) -> tuple[str, ...]:
-        """The topics subscribed to here by name (not by pattern)."""
-        return tuple(self._topics)
+        """The topics subscribed to here by name (not by pattern), live or still held by a recovery."""
+        return tuple(dict.fromkeys((*self._topics, *self._holds)))
 
     def patterns(self) -> tuple[str, ...]:
         return tuple(self._patterns.patterns())

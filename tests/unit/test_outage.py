@@ -200,3 +200,14 @@ def test_an_outage_during_a_catch_up_leaves_its_topics_paused_for_the_next_one()
     node.history.answers[1].callback([Missed(((at(2), b"2"), (at(3), b"3")))])
     assert data(conn) == b"".join([frame("H", p, at(n)) for n, p in ((1, b"1"), (2, b"2"), (3, b"3"))])
     assert node.outage.outages == 2
+
+
+def test_a_topic_still_held_by_a_recovering_connection_is_caught_up_into_its_hold():
+    hub = Hub()
+    conn = FakeSubscriber("n:1")
+    hub.add(conn)
+    hub.subscribe(conn, ["A"], held=["A"])
+    assert hub.topics() == ("A",)
+    hub.pause(hub.topics())
+    hub.catch_up("A", [(at(1), b"1")])
+    assert hub.release(conn, "A") == [(at(1), frame("A", b"1", at(1)))]
