@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from pushd.origins import SAME_HOST, OriginPolicy
 from pushd.protocol import Disconnect
+from pushd.redis.state import local_incarnation
 from pushd.session import Services, Session
 from pushd.tls import direct_writer
 from pushd.wire import Wire, centrifugo, native
@@ -169,7 +170,7 @@ class PushFactory(WebSocketServerFactory):
 
     def __init__(self, *, services: Services, node_id: str, wires: dict[str, Wire], max_frame_size: int,
                  high_water_mark: int, ping_interval: int, ping_timeout: int, server: str = "pushd",
-                 origins: OriginPolicy = SAME_HOST) -> None:
+                 origins: OriginPolicy = SAME_HOST, incarnation: str | None = None) -> None:
         super().__init__(server=server)
         self.services = services
         #: Which web pages may open a connection (pushd/origins.py); checked before anything else.
@@ -177,6 +178,8 @@ class PushFactory(WebSocketServerFactory):
         self.wires = wires
         self.high_water_mark = high_water_mark
         self._node_id = node_id
+        #: Names this run of the node (pushd.redis.state.read_incarnation): serials restart at each start.
+        self.incarnation = local_incarnation() if incarnation is None else incarnation
         self._serial = itertools.count(1)
         self._closing: set[Session] = set()
         self._all_closed: defer.Deferred[None] | None = None
@@ -213,7 +216,8 @@ class PushFactory(WebSocketServerFactory):
         return [b"http/1.1"]
 
     def next_conn_id(self) -> str:
-        return f"{self._node_id}:{next(self._serial)}"
+        """`<node-id>:<incarnation>.<serial>`: unique across the node's restarts; `cluster.node_of` finds the node."""
+        return f"{self._node_id}:{self.incarnation}.{next(self._serial)}"
 
     def _sessions(self) -> list[Session]:
         return [s for s in self.services.hub.broadcast_targets() if isinstance(s, Session)]
