@@ -132,7 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis-timeout", "5", _integer(1, 300),
             "Seconds a Redis command may take before pushd gives up on it (start-up checks, state writes)."),
     Setting("node-id", "", _text,
-            "This node's id, unique in the cluster; connection ids are <node-id>:<serial>. Empty: host:pid."),
+            "This node's id, unique in the cluster; connection ids are <node-id>:<incarnation>.<serial>. Empty: host:pid."),
     Setting("key-prefix", "pushd:", _prefix, "Prefix of every Redis key pushd writes."),
     Setting("channel-prefix", "push:", _prefix,
             "pushd PSUBSCRIBEs to <channel-prefix>*; the topic is the channel name without the prefix."),

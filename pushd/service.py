@@ -34,7 +34,7 @@ from pushd.redis.client import RedisLink
 from pushd.redis.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from pushd.redis.history import History, HistoryKeys, HistoryPolicies, parse_envelope
 from pushd.redis.listener import Listener, MessageHandler
-from pushd.redis.state import Keys, NodeState
+from pushd.redis.state import Keys, NodeState, read_incarnation
 from pushd.session import AuthPolicy, Services
 from pushd.tasks import TaskPool
 from pushd.tls import CertificateError, default_listen, ensure_localhost_certificate
@@ -161,9 +161,11 @@ class PushdService(MultiService):
         except Exception as e:
             raise StartupError(f"redis: cannot reach {target.display}: {_reason(e)}") from None
 
+        incarnation = yield read_incarnation(self.redis)
         self.state = NodeState(self.reactor, self.redis, Keys(config.key_prefix), self.node_id,
                                heartbeat_interval=config.heartbeat_interval, heartbeat_ttl=config.heartbeat_ttl,
-                               snapshot=self.hub.snapshot, info=self._info)
+                               snapshot=self.hub.snapshot, info=self._info, count=self.hub.__len__,
+                               incarnation=incarnation)
         self.hub.observer = self.state
         self.redis.on_lost(lambda conn: self.state.connection_lost() if self.state else None)
         self.redis.on_ready(lambda conn: self.state.connection_ready() if self.state else None)
@@ -208,7 +210,8 @@ class PushdService(MultiService):
             services=services, node_id=self.node_id, wires=wires, max_frame_size=config.max_frame_size,
             high_water_mark=config.high_water_mark, ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout, origins=config.allowed_origins,
-            max_request_size=config.max_request_size, handshake_timeout=config.handshake_timeout)
+            max_request_size=config.max_request_size, handshake_timeout=config.handshake_timeout,
+            incarnation=incarnation)
         for description, endpoint in self._listen:
             try:
                 port = yield endpoint.listen(self.factory)

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from pushd.origins import SAME_HOST, OriginPolicy
 from pushd.protocol import Disconnect
+from pushd.redis.state import local_incarnation
 from pushd.session import Services, Session
 from pushd.tls import direct_writer
 from pushd.transport import queued_bytes
@@ -265,7 +266,7 @@ class PushFactory(WebSocketServerFactory):
     def __init__(self, *, services: Services, node_id: str, wires: dict[str, Wire], max_frame_size: int,
                  high_water_mark: int, ping_interval: int, ping_timeout: int, server: str = "pushd",
                  origins: OriginPolicy = SAME_HOST, max_request_size: int = 16384,
-                 handshake_timeout: int = 5) -> None:
+                 handshake_timeout: int = 5, incarnation: str | None = None) -> None:
         super().__init__(server=server)
         self.services = services
         #: Which web pages may open a connection (pushd/origins.py); checked before anything else.
@@ -277,6 +278,8 @@ class PushFactory(WebSocketServerFactory):
         #: Largest upgrade request (request line and headers) read; a larger one gets 431.
         self.max_request_size = max_request_size
         self._node_id = node_id
+        #: Names this run of the node (pushd.redis.state.read_incarnation): serials restart at each start.
+        self.incarnation = local_incarnation() if incarnation is None else incarnation
         self._serial = itertools.count(1)
         self._closing: set[Session] = set()
         self._all_closed: defer.Deferred[None] | None = None
@@ -314,7 +317,8 @@ class PushFactory(WebSocketServerFactory):
         return [b"http/1.1"]
 
     def next_conn_id(self) -> str:
-        return f"{self._node_id}:{next(self._serial)}"
+        """`<node-id>:<incarnation>.<serial>`: unique across the node's restarts; `cluster.node_of` finds the node."""
+        return f"{self._node_id}:{self.incarnation}.{next(self._serial)}"
 
     def _sessions(self) -> list[Session]:
         return [s for s in self.services.hub.broadcast_targets() if isinstance(s, Session)]

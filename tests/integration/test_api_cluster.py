@@ -83,7 +83,7 @@ def test_users_and_disconnects_across_two_nodes(tmp_path, redis_server):
 
         r = redis_server.client()
         eventually(lambda: r.scard("pushd:node:b") == 2)
-        bob_id = max(r.smembers("pushd:node:b"), key=lambda c: int(c.rsplit(":", 1)[1]))
+        bob_id = max(r.smembers("pushd:node:b"), key=lambda c: int(c.rsplit(".", 1)[1]))
         assert node_a.api("DELETE", f"/api/connections/{bob_id}?code=4010&reason=bye")[0] == 200
         with pytest.raises(ConnectionClosed) as closed:
             bob.recv()

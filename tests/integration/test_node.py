@@ -11,6 +11,11 @@ from websockets.exceptions import ConnectionClosed
 from tests.integration.pushd_process import PushdProcess, eventually, publish_until_delivered
 
 
+def conn_id(r, node: str, serial: int) -> str:
+    """The id of the node's `serial`-th connection of this run: `<node>:<incarnation>.<serial>`."""
+    return f"{node}:{json.loads(r.get(f'pushd:heartbeat:{node}'))['incarnation']}.{serial}"
+
+
 def node_keys(r, prefix: str = "pushd:") -> dict:
     return {k: r.smembers(k) if r.type(k) == "set" else r.get(k) for k in r.keys(prefix + "*")}
 
@@ -24,8 +29,9 @@ def test_subscribe_publish_receive_and_clean_close(tmp_path, redis_server):
         b.subscribe("AAPL")
         eventually(lambda: r.scard("pushd:topic:AAPL") == 2)
         assert r.smembers("pushd:topics") == {"AAPL", "sh600519"}
-        assert r.smembers("pushd:node:n1") == {"n1:1", "n1:2"}
-        assert r.smembers("pushd:conn:n1:1") == {"AAPL", "sh600519"}
+        first, second = conn_id(r, "n1", 1), conn_id(r, "n1", 2)
+        assert r.smembers("pushd:node:n1") == {first, second}
+        assert r.smembers(f"pushd:conn:{first}") == {"AAPL", "sh600519"}
 
         assert r.publish("push:AAPL", '{"price":172.5}') == 1
         assert a.recv() == {"topic": "AAPL", "data": {"price": 172.5}}
@@ -35,8 +41,8 @@ def test_subscribe_publish_receive_and_clean_close(tmp_path, redis_server):
 
         a.close()
         eventually(lambda: r.smembers("pushd:topics") == {"AAPL"})
-        assert not r.exists("pushd:conn:n1:1")
-        assert r.smembers("pushd:node:n1") == {"n1:2"}
+        assert not r.exists(f"pushd:conn:{first}")
+        assert r.smembers("pushd:node:n1") == {second}
         assert r.exists("pushd:heartbeat:n1")
 
         node.stop()
@@ -107,7 +113,7 @@ def test_redis_restart_mid_run_delivery_resumes_without_reconnects(tmp_path, red
 
         assert publish_until_delivered(client, r, "AAPL", '{"n":1}') == {"topic": "AAPL", "data": {"n": 1}}
         # the node rewrote its membership into the empty Redis
-        eventually(lambda: r.smembers("pushd:topic:AAPL") == {"n1:1"})
+        eventually(lambda: r.exists("pushd:heartbeat:n1") and r.smembers("pushd:topic:AAPL") == {conn_id(r, "n1", 1)})
         assert client.request({"op": "ping", "id": 5}) == {"op": "pong", "id": 5}
 
 
@@ -143,4 +149,4 @@ def test_a_client_that_stops_reading_is_dropped_and_the_others_keep_up(tmp_path,
             return heartbeat and json.loads(heartbeat)["pruned"].get("slow_consumer") == 1
 
         eventually(dropped, timeout=15)
-        assert r.smembers("pushd:topic:A") == {"n1:1"}
+        assert r.smembers("pushd:topic:A") == {conn_id(r, "n1", 1)}

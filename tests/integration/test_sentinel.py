@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.integration.pushd_process import PushdProcess, eventually, publish_until_delivered
 from tests.redis_server import RedisServer, SentinelServer
 
@@ -25,4 +27,6 @@ def test_delivery_follows_the_master_through_a_sentinel_failover(tmp_path, redis
 
                 assert publish_until_delivered(client, new_master, "AAPL", '{"n":2}', timeout=30) == {
                     "topic": "AAPL", "data": {"n": 2}}
-                eventually(lambda: new_master.smembers("pushd:topic:AAPL") == {"s1:1"}, timeout=15)
+                eventually(lambda: new_master.exists("pushd:heartbeat:s1") and new_master.smembers(
+                    "pushd:topic:AAPL") == {f"s1:{json.loads(new_master.get('pushd:heartbeat:s1'))['incarnation']}.1"},
+                    timeout=15)

@@ -263,7 +263,7 @@ def test_connect_without_a_token_opens_an_anonymous_session():
     client = node.connect(PATH)
     assert client.status == 101
     assert send(client, {"id": 1, "connect": {"name": "js", "version": "5.8.0"}}) == [
-        {"id": 1, "connect": {"client": "test-node:1", "version": centrifugo.__version__, "ping": 25, "pong": True}}]
+        {"id": 1, "connect": {"client": f"test-node:{node.factory.incarnation}.1", "version": centrifugo.__version__, "ping": 25, "pong": True}}]
     assert node.hub.user_connections("alice") == ()
 
 

@@ -5,6 +5,7 @@ import json
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 
+from pushd.cluster import node_of
 from pushd.hooks import Hooks
 from pushd.protocol import Limits
 from pushd.testing import OP_CLOSE, OP_PING, OP_TEXT, MemoryClient, MemoryNode, MemoryTransport, RecordingObserver
@@ -25,10 +26,16 @@ def test_nagle_is_off_for_every_connection():
     assert MemoryNode().connect().transport.no_delay is True
 
 
-def test_connection_ids_are_node_scoped_and_unique():
+def test_connection_ids_are_node_scoped_and_unique_across_restarts():
     node = MemoryNode(node_id="host:42")
     a, b = node.connect(), node.connect()
-    assert a.conn_id == "host:42:1" and b.conn_id == "host:42:2"
+    incarnation = node.factory.incarnation
+    assert incarnation.isalnum()
+    assert a.conn_id == f"host:42:{incarnation}.1" and b.conn_id == f"host:42:{incarnation}.2"
+    assert node_of(a.conn_id) == "host:42"
+    again = MemoryNode(node_id="host:42")  # the same node id, started again: its serials restart
+    assert again.factory.incarnation != incarnation
+    assert again.connect().conn_id == f"host:42:{again.factory.incarnation}.1" != a.conn_id
 
 
 def test_subscribe_receive_unsubscribe():
