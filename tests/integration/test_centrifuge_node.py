@@ -228,3 +228,48 @@ def test_a_plain_ws_client_speaks_pushds_own_protocol_beside_the_sdk(tmp_path, r
         node.stop()
         [closed] = own.wait("close")
         assert closed["code"] == 1001
+
+
+def test_through_redis_outages_the_sdk_gets_every_acknowledged_publication_or_is_told(tmp_path, redis_server):
+    """Redis cuts the node's subscription, then Redis is killed with -9 and restarted empty: what the API
+    acknowledged arrives in order with consecutive offsets; a channel without history gets 2500, and the SDK
+    subscribes again by itself (where an app refetches)."""
+    with SdkNode(tmp_path, redis_server.url, "--history-rules", "plain=0/0") as node, \
+            receiving(node, "orders", 0) as client:
+        client.send({"cmd": "subscribe", "channel": "plain"})
+        client.wait("subscribed", 2)
+        acknowledged = [0]
+
+        def publish_while(condition: Any) -> None:
+            n = acknowledged[-1]
+            while condition():
+                n += 1
+                status, _ = node.api("POST", "/api/publish", {"topic": "orders", "data": n})
+                if status == 200:
+                    acknowledged.append(n)
+                else:
+                    assert status == 503
+
+        redis_server.client().client_kill_filter(_type="pubsub")
+        deadline = time.monotonic() + 3
+        publish_while(lambda: time.monotonic() < deadline)
+        assert len(acknowledged) > 1
+        [*_, told] = client.wait("subscribing", 3)
+        assert (told["channel"], told["code"]) == ("plain", 2500)
+        client.wait("subscribed", 3)
+        client.wait("publication", len(acknowledged))
+        pubs = publications(client)
+        assert [data for data, _ in pubs] == acknowledged
+        assert [offset for _, offset in pubs] == list(range(1, len(acknowledged) + 1))
+
+        # Redis comes back without the history: acknowledged publications of the new epoch still arrive;
+        # the SDK is unsubscribed with 2500 (its epoch is gone) and resubscribes, told it did not recover.
+        redis_server.restart(kill=True, down=1)
+        before = len(acknowledged)
+        deadline = time.monotonic() + 4
+        publish_while(lambda: time.monotonic() < deadline)
+        assert len(acknowledged) > before
+        eventually(lambda: {e["data"] for e in client.of("publication")} >= set(acknowledged), timeout=15)
+        assert [data for data, _ in publications(client)] == sorted({data for data, _ in publications(client)})
+        assert any(e["channel"] == "orders" and e["code"] == 2500 for e in client.of("subscribing"))
+        assert client.of("unsubscribed") == []
