@@ -231,9 +231,9 @@ def test_a_plain_ws_client_speaks_pushds_own_protocol_beside_the_sdk(tmp_path, r
 
 
 def test_through_redis_outages_the_sdk_gets_every_acknowledged_publication_or_is_told(tmp_path, redis_server):
-    """Redis cuts the node's subscription, then Redis is killed with -9 and restarted empty: what the API
-    acknowledged arrives in order with consecutive offsets; a channel without history gets 2500, and the SDK
-    subscribes again by itself (where an app refetches)."""
+    """Redis cuts the node's subscription: what the API acknowledged arrives in order with consecutive offsets, and
+    a channel without history gets 2500, so the SDK subscribes again by itself (where an app refetches). Then
+    Redis is killed with -9 and restarted empty: the SDK is told (2500, then `recovered: false`)."""
     with SdkNode(tmp_path, redis_server.url, "--history-rules", "plain=0/0") as node, \
             receiving(node, "orders", 0) as client:
         client.send({"cmd": "subscribe", "channel": "plain"})
@@ -262,14 +262,19 @@ def test_through_redis_outages_the_sdk_gets_every_acknowledged_publication_or_is
         assert [data for data, _ in pubs] == acknowledged
         assert [offset for _, offset in pubs] == list(range(1, len(acknowledged) + 1))
 
-        # Redis comes back without the history: acknowledged publications of the new epoch still arrive;
-        # the SDK is unsubscribed with 2500 (its epoch is gone) and resubscribes, told it did not recover.
+        # Redis comes back without the history: the epoch the SDK knows is gone, so the node unsubscribes it with
+        # 2500 and the SDK subscribes again, told it did not recover; what is acknowledged after that arrives.
+        subscribed_before = len(client.of("subscribed"))
         redis_server.restart(kill=True, down=1)
+        eventually(lambda: any(e["channel"] == "orders" and e["code"] == 2500 for e in client.of("subscribing")),
+                   timeout=15)
+        client.wait("subscribed", subscribed_before + 2)  # both channels, once more
+        orders = [e for e in client.of("subscribed") if e["channel"] == "orders"][-1]
+        assert (orders["wasRecovering"], orders["recovered"]) == (True, False)
         before = len(acknowledged)
-        deadline = time.monotonic() + 4
+        deadline = time.monotonic() + 2
         publish_while(lambda: time.monotonic() < deadline)
         assert len(acknowledged) > before
-        eventually(lambda: {e["data"] for e in client.of("publication")} >= set(acknowledged), timeout=15)
+        eventually(lambda: {e["data"] for e in client.of("publication")} >= set(acknowledged[before:]), timeout=15)
         assert [data for data, _ in publications(client)] == sorted({data for data, _ in publications(client)})
-        assert any(e["channel"] == "orders" and e["code"] == 2500 for e in client.of("subscribing"))
         assert client.of("unsubscribed") == []
