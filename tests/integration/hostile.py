@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import socket
 import ssl
 import struct
@@ -112,7 +113,8 @@ def endless_headers(url: str, limit: int, line: bytes = b"X-Filler: " + b"a" * 1
             try:
                 sent += sock.send(line)
             except BlockingIOError:
-                time.sleep(0.01)
+                # The node is not reading: wait (bounded) until it answers or takes more.
+                select.select([sock], [sock], [], 1.0)
             except OSError:
                 break
         sock.settimeout(10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +18,8 @@ from websockets.sync.client import connect
 from tests.integration.pushd_process import Client, PushdProcess, eventually
 
 CLIENTS = 8
-#: Seconds of steady publishing before the fault, and after the node is back.
-BEFORE, AFTER = 1.0, 3.0
+#: Messages acknowledged before the fault, and after the node takes requests again.
+BEFORE, AFTER = 50, 150
 
 
 class Collector:
@@ -41,7 +40,10 @@ class Collector:
                 continue
             except Exception:
                 return
-            self.frames.append(json.loads(text))
+            self.received(str(text))
+
+    def received(self, text: str) -> None:
+        self.frames.append(json.loads(text))
 
     def numbers(self, topic: str) -> list[int]:
         return [f["data"]["n"] for f in list(self.frames) if f.get("topic") == topic and "op" not in f]
@@ -68,19 +70,12 @@ class CentrifugoCollector(Collector):
             assert "subscribe" in json.loads(ws.recv(5))
         super().__init__(Client(ws))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                text = self.client.ws.recv(timeout=0.2)
-            except TimeoutError:
-                continue
-            except Exception:
-                return
-            for line in str(text).splitlines():
-                if line == "{}":
-                    self.client.ws.send("{}")
-                else:
-                    self.frames.append(json.loads(line))
+    def received(self, text: str) -> None:
+        for line in text.splitlines():
+            if line == "{}":
+                self.client.ws.send("{}")
+            else:
+                self.frames.append(json.loads(line))
 
     def numbers(self, topic: str) -> list[int]:
         return [f["push"]["pub"]["data"]["n"] for f in self.pubs(topic)]
@@ -117,7 +112,6 @@ class Publisher:
             else:
                 self.refused[status] = self.refused.get(status, 0) + 1
             n += 1
-            time.sleep(0.01)
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,12 +127,12 @@ def run_fault(node: PushdProcess, fault: Callable[[], None], centrifugo: int = 0
     collectors += [CentrifugoCollector(node) for _ in range(centrifugo)]
     publisher = Publisher(node, "T")
     try:
-        time.sleep(BEFORE)
+        eventually(lambda: len(publisher.acknowledged) >= BEFORE, timeout=30)
         fault()
         eventually(lambda: node.api("GET", "/api/nodes")[0] == 200 and len(publisher.acknowledged) > 0, timeout=30)
         # Steady publishing again, now that the node takes requests.
         back = len(publisher.acknowledged)
-        eventually(lambda: len(publisher.acknowledged) > back + int(AFTER * 50), timeout=30)
+        eventually(lambda: len(publisher.acknowledged) > back + AFTER, timeout=30)
     finally:
         publisher.stop()
     acknowledged = set(publisher.acknowledged)
@@ -189,9 +183,13 @@ def test_a_lost_listener_catches_up_what_the_api_acknowledged_meanwhile(node: Pu
             assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), "a gap in the offsets"
             assert collector.missed() == [{"topic": "P", "code": 2500, "reason": "insufficient state"}]
     assert_one_line_per_outage(node, 1)
-    status, body = node.api("GET", "/api/nodes")
-    assert status == 200
-    [info] = body["nodes"]
+
+    def node_info() -> dict[str, Any] | None:
+        # The record is the node's last heartbeat (every 5 s by default).
+        status, body = node.api("GET", "/api/nodes")
+        return body["nodes"][0] if status == 200 and body["nodes"][0].get("outages") else None
+
+    info = eventually(node_info, timeout=15)
     assert info["outages"] == 1 and info["listening"] is True and info["caught_up_topics"] == 1
 
 
