@@ -407,18 +407,25 @@ def run_benchmark(name: str, headline: str, args: argparse.Namespace, pushd_args
         print(f"{name}: {result['error']}", file=sys.stderr)
     doc = {"benchmark": name, "interrupted": interrupted, "machine": info,
            "options": {**vars(args), "pushd_args": pushd_args}, "result": result}
+    return finish(doc, args, lambda: show(result), f"{stamp}-{name}.json", out)
+
+
+def finish(doc: dict[str, Any], args: argparse.Namespace, show: Callable[[], Any], file_name: str,
+           out: Any) -> int:
+    """Print a run (JSON with --json, else `show`), save it under bench/results unless told not to or
+    interrupted, and return the exit status: 130 interrupted, 0 when the result is ok, else 1."""
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        show(result)
-    if not args.no_save and not interrupted:
+        show()
+    if not args.no_save and not doc["interrupted"]:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{stamp}-{name}.json"
+        path = RESULTS / file_name
         path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nresults: {path.relative_to(ROOT)}", file=out)
-    if interrupted:
+    if doc["interrupted"]:
         return 130
-    return 0 if result.get("ok") else 1
+    return 0 if doc["result"].get("ok") else 1
 
 
 def _show(result: dict[str, Any]) -> bool:

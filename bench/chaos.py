@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 import websockets
-from broadcast import PinnedRedis, api_call, percentile, pushd_findings
+from broadcast import PinnedRedis, api_call, finish, percentile, pushd_findings
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -74,7 +74,6 @@ from run import BenchError, Pinning, cpu_seconds, machine_info, rss_kib
 
 from tests.integration.pushd_process import PushdProcess, alive
 
-RESULTS = BENCH / "results"
 PLAIN = "plain"
 #: seconds around a fault whose publishes are left out of the latency figures
 FAULT_MARGIN = 2.0
@@ -880,18 +879,7 @@ def main(argv: list[str]) -> int:
     result["wall_s"] = round(now() - started, 1)
     doc = {"benchmark": "chaos", "interrupted": interrupted, "machine": info, "command": " ".join(sys.argv),
            "plan": vars(plan), "options": {**vars(args), "pushd_args": pushd_args}, "result": result}
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print_report(doc)
-    if not args.no_save and not interrupted:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"chaos-{stamp}.json"
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"\nresults: {path.relative_to(ROOT)}", file=out)
-    if interrupted:
-        return 130
-    return 0 if result.get("ok") else 1
+    return finish(doc, args, lambda: print_report(doc), f"chaos-{stamp}.json", out)
 
 
 if __name__ == "__main__":
