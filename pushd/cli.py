@@ -13,14 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from twisted.internet import defer, task
 from twisted.python import usage
 
 from pushd import __version__, protocol
 from pushd.config import ConfigError, build_config
-from pushd.redis.client import RedisLink
+from pushd.jobs.audience import AudienceError, Audiences, Rejected, check_name, guess_format, read_file
+from pushd.redis.client import RedisLink, reply_text
 from pushd.redis.history import History, HistoryKeys, HistoryPolicies
 from pushd.redis.state import Keys
 from pushd.redis.target import RedisTarget, parse_redis_url
@@ -67,6 +68,39 @@ class StatsOptions(_Common):
     optFlags = [["json", None, "Print JSON instead of a table."]]
 
 
+class _AudienceFile(_Common):
+    synopsis = "[options] NAME FILE"
+    optParameters = [
+        ["format", None, None, "csv or ndjson (default: by the file's extension; .ndjson/.jsonl/.json are NDJSON)."],
+        ["address", None, None, ("The column or field holding the address (default: the first of "
+                                 "address, token, device_token, phone, user, user_id, subscription).")],
+        ["rejects", None, None, "Where the rejected rows are written (default: FILE.rejected)."],
+    ]
+
+    def parseArgs(self, name: str, path: str) -> None:  # type: ignore[override]
+        self["name"] = name
+        self["path"] = path
+
+
+class _AudienceName(_Common):
+    synopsis = "[options] NAME"
+
+    def parseArgs(self, name: str) -> None:  # type: ignore[override]
+        self["name"] = name
+
+
+class AudienceOptions(usage.Options):
+    subCommands = [
+        ["import", None, _AudienceFile, "Add (or update) the recipients of FILE to audience NAME."],
+        ["remove", None, _AudienceFile, "Remove the recipients of FILE from audience NAME."],
+        ["show", None, _AudienceName, "How many recipients audience NAME has, and a few of them."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("name an audience command: import, remove or show")
+
+
 class CommandOptions(usage.Options):
     opt_version = _print_version
     longdesc = ("Reads and publishes through the Redis of a running pushd node (twistd pushd). "
@@ -74,6 +108,7 @@ class CommandOptions(usage.Options):
     subCommands = [
         ["publish", None, PublishOptions, "Publish DATA (JSON) to TOPIC through the server's Redis."],
         ["stats", None, StatsOptions, "Nodes, connections, topics and subscribers, read from Redis."],
+        ["audience", None, AudienceOptions, "Recipient lists for push jobs: import, remove, show."],
     ]
 
     def getSynopsis(self) -> str:
@@ -82,7 +117,7 @@ class CommandOptions(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: publish or stats")
+            raise usage.UsageError("name a command: publish, stats or audience")
 
 
 @dataclass(frozen=True)
@@ -187,8 +222,69 @@ def format_stats(stats: dict[str, Any], top: int) -> str:
     return "\n".join(lines)
 
 
+@defer.inlineCallbacks
+def audience(reactor: Any, server: Server, command: str, options: usage.Options) -> Any:
+    """`pushctl audience import|remove|show`: one line (or a few) for the user."""
+    link = RedisLink(reactor, server.target, timeout=server.redis_timeout)
+    audiences = Audiences(link, server.keys.prefix)
+    try:
+        check_name(options["name"])
+        if command == "show":
+            size, some = yield audiences.show(options["name"])
+            lines = [f"audience {options['name']}: {size:,} recipients"]
+            lines += [f"  {reply_text(address)}  {reply_text(fields)}" for address, fields in some]
+            return "\n".join(lines)
+        path = options["path"]
+        rejects_path = options["rejects"] or path + ".rejected"
+        try:
+            with open(path, encoding="utf-8", newline="") as stream, _Rejects(rejects_path) as rejects:
+                rows = read_file(stream, options["format"] or guess_format(path), options["address"])
+                report = yield audiences.load(options["name"], rows, rejects.write, remove=command == "remove")
+        except OSError as e:
+            raise CommandError(f"{e.filename}: {e.strerror}") from None
+    except AudienceError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        yield link.disconnect()
+    text = report.text(command, options["name"])
+    if report.rejected:
+        text += f"\nrejected rows written to {rejects_path}: " + ", ".join(
+            f"{count:,} {reason}" for reason, count in sorted(report.reasons.items(), key=lambda r: -r[1])[:5])
+    return text
+
+
+class _Rejects:
+    """The rejects file, created only when a row is rejected (an old one is removed first)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: Any = None
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+    def write(self, row: Rejected) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed by __exit__)
+        self._file.write(json.dumps({"line": row.line, "reason": row.reason, "row": row.text},
+                                    ensure_ascii=False) + "\n")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 def _run(reactor: Any, options: CommandOptions) -> Any:
     sub = options.subOptions
+    if options.subCommand == "audience":
+        command, sub = sub.subCommand, sub.subOptions
+        d = audience(reactor, locate_server(sub), command, sub)
+        d.addCallback(_say)
+        return d
     server = locate_server(sub)
     if options.subCommand == "publish":
         payload = publish_payload(sub["data"], sub["raw"])

@@ -1,0 +1,1 @@
+"""Mass push jobs: audiences of recipients in Redis, and (later) jobs that send to them through gateways."""
