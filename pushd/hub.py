@@ -354,14 +354,15 @@ class Hub:
         self.begin_batch()
         try:
             for placed, payload in missed:
-                if seen is not None and placed.epoch != seen.epoch:
-                    # A new life of the topic's history: its numbers start again, which is no gap.
-                    self._positions.pop(topic, None)
+                lost = self._new_epoch(topic, seen, placed, lost)
                 self.publish(topic, payload, placed)
                 seen = placed
                 replayed += 1
             for payload, position in kept:
                 if position is None or seen is None or _after(position, seen):
+                    if position is not None:
+                        lost = self._new_epoch(topic, seen, position, lost)
+                        seen = position
                     self.publish(topic, payload, position)
         finally:
             self.flush()
@@ -370,6 +371,14 @@ class Hub:
             self._positions.pop(topic, None)
             self.tell_lost(topic, lost)
         return replayed
+
+    def _new_epoch(self, topic: str, seen: Position | None, position: Position, lost: str | None) -> str | None:
+        """A catch-up meets a new life of the topic's history: its numbers start again, which is no gap, but what
+        the old one held may be gone, so the subscribers are told (once, at the end of the catch-up)."""
+        if seen is None or position.epoch == seen.epoch:
+            return lost
+        self._positions.pop(topic, None)
+        return lost or "history epoch changed (Redis lost it)"
 
     def begin_batch(self) -> None:
         if self._batch is None:

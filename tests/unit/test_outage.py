@@ -211,3 +211,19 @@ def test_a_topic_still_held_by_a_recovering_connection_is_caught_up_into_its_hol
     hub.pause(hub.topics())
     hub.catch_up("A", [(at(1), b"1")])
     assert hub.release(conn, "A") == [(at(1), frame("A", b"1", at(1)))]
+
+
+def test_live_messages_of_a_new_epoch_kept_during_a_catch_up_are_no_gap_and_the_loss_is_told_once():
+    hub = Hub()
+    conn = subscribed(hub, "n:1", "A")
+    hub.publish("A", b"9", at(9, "old"))
+    hub.pause(["A"])
+    hub.publish("A", b"1", at(1, "new"))  # acknowledged by the restarted Redis while the read was in flight
+    hub.catch_up("A", [], lost="history was lost (Redis lost its data)")
+    assert hub.gaps == 0 and conn.lost_reasons == ["history was lost (Redis lost its data)"]
+    assert data(conn).endswith(frame("A", b"1", at(1, "new")))
+    hub.publish("A", b"2", at(2, "new"))
+    hub.pause(["A"])
+    hub.publish("A", b"1", at(1, "newer"))
+    hub.catch_up("A", [])
+    assert hub.gaps == 0 and conn.lost_reasons[-1] == "history epoch changed (Redis lost it)"
