@@ -377,12 +377,10 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_benchmark(name: str, headline: str, args: argparse.Namespace, pushd_args: list[str],
-                  run_in: Callable[[Pinning, Path], dict[str, Any]],
-                  show: Callable[[dict[str, Any]], bool]) -> int:
-    """The frame every standalone benchmark shares: pinning, the machine line, a temporary work dir, stopping
-    cleanly on SIGTERM/Ctrl-C, the table (`show` prints it and says whether there was one) and the results JSON
-    in bench/results/<UTC time>-<name>.json. Exit status: 0 ok, 1 failed, 130 interrupted."""
+def begin(args: argparse.Namespace, headline: str) -> tuple[str, Pinning, dict[str, Any], Any]:
+    """What a standalone benchmark does first: stop cleanly on SIGTERM, pin, describe the machine in one line
+    after `headline` (on stderr under --json). Returns the run's UTC time stamp, the pinning, the machine's
+    description and where the report goes."""
     signal.signal(signal.SIGTERM, _interrupt)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
     pin = Pinning(not args.no_pin)
@@ -393,6 +391,16 @@ def run_benchmark(name: str, headline: str, args: argparse.Namespace, pushd_args
     print(f"{headline}; {info['cpu_model']}, {info['cores']} cores, Linux {info['kernel']}, Python "
           f"{info['python']}, Twisted {info['twisted']}, Autobahn {info['autobahn']}, {info['openssl_pyopenssl']}, "
           f"pushd {info['pushd_commit']}{' (dirty)' if info['pushd_tree_dirty'] else ''}", file=out, flush=True)
+    return stamp, pin, info, out
+
+
+def run_benchmark(name: str, headline: str, args: argparse.Namespace, pushd_args: list[str],
+                  run_in: Callable[[Pinning, Path], dict[str, Any]],
+                  show: Callable[[dict[str, Any]], bool]) -> int:
+    """The frame every standalone benchmark shares: pinning, the machine line, a temporary work dir, stopping
+    cleanly on SIGTERM/Ctrl-C, the table (`show` prints it and says whether there was one) and the results JSON
+    in bench/results/<UTC time>-<name>.json. Exit status: 0 ok, 1 failed, 130 interrupted."""
+    stamp, pin, info, out = begin(args, headline)
     result: dict[str, Any] = {"ok": False}
     interrupted = False
     try:

@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import datetime
 import gc
 import json
 import os
@@ -65,12 +64,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 import websockets
-from broadcast import PinnedRedis, api_call, finish, percentile, pushd_findings
+from broadcast import PinnedRedis, api_call, begin, finish, percentile, pushd_findings
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from run import BenchError, Pinning, cpu_seconds, machine_info, rss_kib
+from run import BenchError, Pinning, cpu_seconds, rss_kib
 
 from tests.integration.pushd_process import PushdProcess, alive
 
@@ -820,10 +819,6 @@ def _alarm(signum: int, frame: Any) -> None:
     raise TimeLimit("hard time limit reached")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run(plan: Plan, pin: Pinning, workdir: Path, pushd_args: list[str]) -> dict[str, Any]:
     chaos = Chaos(plan, pin, workdir, pushd_args)
     try:
@@ -846,19 +841,10 @@ def run(plan: Plan, pin: Pinning, workdir: Path, pushd_args: list[str]) -> dict[
 def main(argv: list[str]) -> int:
     args, pushd_args = parse_args(argv)
     plan = make_plan(args)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stamp, pin, info, out = begin(args, f"chaos: {plan.clients:,} clients on 2 nodes, {plan.outages} Redis restarts "
+                                        "and 1 node stall")
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(plan.time_limit))
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
-    pin = Pinning(not args.no_pin)
-    if pin.warning:
-        print(f"WARNING: {pin.warning}", file=sys.stderr)
-    info = machine_info(pin)
-    out = sys.stderr if args.json else sys.stdout
-    print(f"chaos: {plan.clients:,} clients on 2 nodes, {plan.outages} Redis restarts and 1 node stall; "
-          f"{info['cpu_model']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}, "
-          f"Twisted {info['twisted']}, pushd {info['pushd_commit']}{' (dirty)' if info['pushd_tree_dirty'] else ''}",
-          file=out, flush=True)
     result: dict[str, Any] = {"ok": False}
     interrupted = False
     started = now()

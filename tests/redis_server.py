@@ -159,14 +159,13 @@ class RedisServer:
             self.process.wait(STOP_TIMEOUT)
         self._cleanup()
 
-    def restart(self, *, kill: bool = False, down: float = 0.0) -> Self:
-        """Stop (SIGKILL with `kill`: a crash), stay down `down` seconds, then start again on the same port (with
-        an empty data set)."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        time.sleep(down)
+    def restart(self) -> Self:
+        """Stop, then start again on the same port (with an empty data set)."""
+        self.stop()
+        return self.start_again()
+
+    def start_again(self) -> Self:
+        """Start on the same port as before (after `stop()` or a `kill()`), with an empty data set."""
         self._fixed_port = True
         return self.start()
 

@@ -265,7 +265,9 @@ def test_through_redis_outages_the_sdk_gets_every_acknowledged_publication_or_is
         # Redis comes back without the history: the epoch the SDK knows is gone, so the node unsubscribes it with
         # 2500 and the SDK subscribes again, told it did not recover; what is acknowledged after that arrives.
         subscribed_before = len(client.of("subscribed"))
-        redis_server.restart(kill=True, down=1)
+        redis_server.kill()
+        eventually(lambda: node.api("POST", "/api/publish", {"topic": "orders", "data": -1})[0] == 503)
+        redis_server.start_again()
         eventually(lambda: any(e["channel"] == "orders" and e["code"] == 2500 for e in client.of("subscribing")),
                    timeout=15)
         client.wait("subscribed", subscribed_before + 2)  # both channels, once more

@@ -118,7 +118,8 @@ class Publisher:
         self._thread.join(10)
 
 
-def run_fault(node: PushdProcess, fault: Callable[[], None], centrifugo: int = 0) -> tuple[Publisher, list[Collector]]:
+def run_fault(node: PushdProcess, fault: Callable[[], None], centrifugo: int = 0,
+              started: Callable[[Publisher], None] = lambda _: None) -> tuple[Publisher, list[Collector]]:
     collectors: list[Collector] = []
     for _ in range(CLIENTS):
         client = node.client()
@@ -126,6 +127,7 @@ def run_fault(node: PushdProcess, fault: Callable[[], None], centrifugo: int = 0
         collectors.append(Collector(client))
     collectors += [CentrifugoCollector(node) for _ in range(centrifugo)]
     publisher = Publisher(node, "T")
+    started(publisher)
     try:
         eventually(lambda: len(publisher.acknowledged) >= BEFORE, timeout=30)
         fault()
@@ -195,10 +197,18 @@ def test_a_lost_listener_catches_up_what_the_api_acknowledged_meanwhile(node: Pu
 
 def test_a_redis_restart_loses_no_acknowledged_publish_and_tells_what_it_cannot_know(node: PushdProcess,
                                                                                     redis_server: Any) -> None:
-    """Redis is killed with -9 and comes back empty after 3 s: the API says 503 while the node cannot deliver, and
+    """Redis is killed with -9 and comes back empty: the API says 503 while the node cannot deliver, and
     the history the node knew is gone, so subscribers are told of both topics (what was acknowledged just before
     the crash may be lost with Redis' data)."""
-    publisher, collectors = run_fault(node, lambda: redis_server.restart(kill=True, down=3))
+
+    def crash() -> None:
+        redis_server.kill()
+        # Redis stays down until the API has refused a good number of publishes, then comes back empty.
+        eventually(lambda: publisher_of[0].refused.get(503, 0) >= 50, timeout=30)
+        redis_server.start_again()
+
+    publisher_of: list[Publisher] = []
+    publisher, collectors = run_fault(node, crash, started=publisher_of.append)
     for collector in collectors:
         collector.stop()
     assert_delivered_once_in_order(publisher, collectors)
