@@ -205,6 +205,27 @@ SETTINGS: tuple[Setting, ...] = (
             "history-size and history-ttl (e.g. orders.*=1000/3600, ticks.*=0/0)."),
     Setting("replay-limit", "300", _integer(1, 100000),
             "Most messages one recovery replays; a client that missed more gets recovery_failed."),
+    Setting("job-workers", "2", _integer(0, 64),
+            "Push-job workers this process runs (docs/jobs.md); 0 makes a pure WebSocket node."),
+    Setting("gateway-concurrency", "64", _integer(1, 1000),
+            "Most requests one job worker has in flight to a gateway."),
+    Setting("gateway-timeout", "10", _integer(1, 300),
+            "Seconds a gateway request may take; a request that takes longer is retried."),
+    Setting("gateway-ca", "", _text,
+            "PEM file of the CAs trusted for gateway HTTPS (private providers, tests); empty: the system's."),
+    Setting("webhook-url", "", _text, "URL the webhook gateway POSTs signed JSON batches to."),
+    Setting("webhook-secret", "", _text, "HMAC-SHA256 key of the webhook gateway's signature header."),
+    Setting("fcm-credentials", "", _text,
+            "Google service-account JSON file of the fcm gateway (project_id, client_email, private_key)."),
+    Setting("fcm-url", "https://fcm.googleapis.com", _text, "Base URL of the FCM HTTP v1 API."),
+    Setting("webpush-vapid-key", "", _text, "PEM file of the webpush gateway's VAPID private key (EC P-256)."),
+    Setting("webpush-subject", "", _text, "VAPID contact of the webpush gateway: a mailto: or https: URL."),
+    Setting("apns-key", "", _text, "The apns gateway's token-signing key: the .p8 file from Apple."),
+    Setting("apns-key-id", "", _text, "Key ID of apns-key (10 characters, from Apple)."),
+    Setting("apns-team-id", "", _text, "Apple developer Team ID the apns tokens are issued for."),
+    Setting("apns-topic", "", _text, "The app's bundle ID, sent as apns-topic."),
+    Setting("apns-url", "https://api.push.apple.com", _text,
+            "Base URL of APNs (https://api.sandbox.push.apple.com for development builds)."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -258,6 +279,21 @@ class Config:
     history_ttl: int = 300
     history_rules: str = ""
     replay_limit: int = 300
+    job_workers: int = 2
+    gateway_concurrency: int = 64
+    gateway_timeout: int = 10
+    gateway_ca: str = ""
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    fcm_credentials: str = ""
+    fcm_url: str = "https://fcm.googleapis.com"
+    webpush_vapid_key: str = ""
+    webpush_subject: str = ""
+    apns_key: str = ""
+    apns_key_id: str = ""
+    apns_team_id: str = ""
+    apns_topic: str = ""
+    apns_url: str = "https://api.push.apple.com"
     #: Where the running server records how to reach it (`pushctl publish` reads it).
     runtime_file: str = field(default="pushd.runtime.json")
 
