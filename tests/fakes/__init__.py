@@ -1,0 +1,1 @@
+"""Local stand-ins for third-party gateways (FCM, Web Push, APNs, a webhook receiver), on loopback only."""
