@@ -15,6 +15,7 @@ from typing import Any
 from twisted.python import usage
 
 from pushd import endpoints
+from pushd.jobs.model import GATEWAYS, JobError, parse_rate
 from pushd.origins import EMPTY, OriginPolicy, parse_policy
 from pushd.redis.target import RedisTarget, parse_redis_url
 
@@ -91,6 +92,20 @@ def _origins(text: str) -> OriginPolicy:
 def _patterns(text: str) -> tuple[str, ...]:
     """Topic patterns separated by spaces, commas or lines (fnmatch style: * ? [...])."""
     return tuple(p for p in text.replace(",", " ").split() if p)
+
+
+def _rates(text: str) -> dict[str, float]:
+    """NAME=RATE pairs separated by spaces or commas; RATE as pushd/jobs/model.parse_rate reads it."""
+    rates = {}
+    for pair in text.replace(",", " ").split():
+        name, equals, rate = pair.partition("=")
+        if not equals or name not in GATEWAYS:
+            raise ValueError(f"{pair[:40]!r} is not GATEWAY=N/s with a gateway of {', '.join(GATEWAYS)}")
+        try:
+            rates[name] = parse_rate(rate)
+        except JobError as e:
+            raise ValueError(f"{name}: {str(e).removeprefix('rate: ')}") from None
+    return rates
 
 
 #: Settings that may be given more than once on the command line (one per line in tap.conf).
@@ -207,6 +222,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Most messages one recovery replays; a client that missed more gets recovery_failed."),
     Setting("job-workers", "2", _integer(0, 64),
             "Push-job workers this process runs (docs/jobs.md); 0 makes a pure WebSocket node."),
+    Setting("job-visibility-timeout", "30", _integer(2, 3600),
+            "Seconds a batch held by a worker that stopped answering waits before another worker takes it over."),
+    Setting("gateway-rates", "", _rates,
+            "Most recipients per second per gateway, across every worker: NAME=N/s ... (e.g. fcm=5000/s)."),
     Setting("gateway-concurrency", "64", _integer(1, 1000),
             "Most requests one job worker has in flight to a gateway."),
     Setting("gateway-timeout", "10", _integer(1, 300),
@@ -280,6 +299,8 @@ class Config:
     history_rules: str = ""
     replay_limit: int = 300
     job_workers: int = 2
+    job_visibility_timeout: int = 30
+    gateway_rates: Mapping[str, float] = field(default_factory=dict)
     gateway_concurrency: int = 64
     gateway_timeout: int = 10
     gateway_ca: str = ""

@@ -28,6 +28,8 @@ from pushd.daemon import StartupReport
 from pushd.endpoints import with_backlog
 from pushd.hooks import Hooks, load_hooks
 from pushd.hub import FrameCache, Hub
+from pushd.jobs.process import job_workers
+from pushd.jobs.worker import JobWorkers
 from pushd.outage import OutageRecovery
 from pushd.recovery import Position
 from pushd.redis.client import RedisLink
@@ -132,6 +134,7 @@ class PushdService(MultiService):
         self.urls: list[str] = []
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.dropped_messages = 0
+        self.job_workers: JobWorkers | None = None
 
     def privilegedStartService(self) -> None:
         self.startup.take_over()
@@ -233,6 +236,12 @@ class PushdService(MultiService):
             self.log.info("HTTP API at {url} ({keys})", url=self.api_url,
                           keys="bearer keys required" if config.api_key
                           else "no api-key configured: loopback only, no key asked for")
+        if config.job_workers:
+            try:
+                self.job_workers = job_workers(self.reactor, config, self.tasks, self.redis)
+            except ConfigError as e:
+                raise StartupError(str(e)) from None
+            self.job_workers.startService()
         yield self.state.register()
         self._write_runtime_file(target.url())
         self.log.info("pushd ready: node {node}, WebSocket at {urls}, Redis {redis}", node=self.node_id,
@@ -328,8 +337,27 @@ class PushdService(MultiService):
                 self.factory.disconnect(str(header["conn"]), int(header["code"]), str(header["reason"]))
             elif op == "disconnect_user":
                 self.factory.disconnect_user(str(header["user"]), int(header["code"]), str(header["reason"]))
+            elif op == "deliver_users":
+                self._deliver_users(str(header["reply"]), [str(u) for u in header["users"]], payload)
         except (KeyError, TypeError, ValueError) as e:
             self.log.warn("ignored a control message with a bad field: {error!r}", error=e)
+
+    def _deliver_users(self, reply: str, users: list[str], payload: bytes) -> None:
+        """A push job's batch for pushd users (pushd/gateways/pushd.py): deliver to the ones connected here and
+        answer which, so the job sends the others through its fallback."""
+        frames = FrameCache(lambda wire: wire.message(payload))
+        reached = []
+        for user in users:
+            connections = self.hub.user_connections(user)
+            for conn in connections:
+                conn.write(frames.frame(conn.wire))
+            if connections:
+                reached.append(user)
+        assert self.redis is not None
+        answer = json.dumps({"node": self.node_id, "users": reached}, separators=(",", ":"))
+        d = self.redis.call("rpush", reply, answer)
+        d.addCallback(lambda _: self.redis.call("expire", reply, 60) if self.redis else None)
+        d.addErrback(lambda f: self.log.warn("could not answer a job batch: {error}", error=f.value))
 
     def _broadcast(self, broadcast_id: str, payload: bytes) -> None:
         cluster = self.cluster
@@ -358,6 +386,9 @@ class PushdService(MultiService):
         if self.api_port is not None:
             await self.api_port.stopListening()
             self.api_port = None
+        if self.job_workers is not None and self.job_workers.running:
+            # SIGTERM: the batches in the workers' hands are finished and recorded while Redis is still here.
+            await self.job_workers.stopService()
         if self.factory is not None:
             await self.factory.close_all("server shutting down", self.config.shutdown_timeout)
         if self.state is not None and self.redis is not None and self.redis.connected:

@@ -55,6 +55,8 @@ class Message:
     data: Mapping[str, str] = field(default_factory=dict)
     #: Seconds a provider may keep the message for an offline device (FCM/APNs/Web Push TTL).
     ttl: int = 86400
+    #: The pushd gateway only: the gateway that takes the recipients with no live connection ("" = none).
+    fallback: str = ""
 
 
 @dataclass(frozen=True, slots=True)

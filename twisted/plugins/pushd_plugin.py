@@ -19,4 +19,22 @@ class PushdServiceMaker:
         return makeService(options)
 
 
+@implementer(IServiceMaker, IPlugin)
+class PushdWorkerServiceMaker:
+    tapname = "pushd-worker"
+    description = "pushd job workers only: push jobs through gateways, beside the nodes (docs/jobs.md)."
+    options = Options
+
+    def makeService(self, options: Options):  # type: ignore[no-untyped-def]
+        import os
+
+        from pushd.jobs.process import make_worker
+        from pushd.service import runtime_dir
+
+        parent = getattr(options, "parent", None)
+        pidfile = parent.get("pidfile") if parent is not None else None
+        return make_worker(options, os.path.join(runtime_dir(pidfile), "pushd.runtime.json"))
+
+
 serviceMaker = PushdServiceMaker()
+workerServiceMaker = PushdWorkerServiceMaker()
