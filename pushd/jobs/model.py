@@ -192,7 +192,7 @@ def new_job_id(now: float | None = None) -> str:
     while ms:
         ms, r = divmod(ms, 36)
         stamp = digits[r] + stamp
-    return f"j{stamp}{os.urandom(5).hex()}"
+    return f"j{stamp:0>9}{os.urandom(5).hex()}"
 
 
 def first_state(spec: JobSpec, now: float) -> str:
