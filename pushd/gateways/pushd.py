@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from pushd.gateways.base import Gateway, Message, Outcome, Result, Target, render
 from pushd.redis.client import reply_text
@@ -56,6 +57,7 @@ def fallback_target(target: Target, gateway: str) -> Target | None:
 
 class PushdGateway:
     name = "pushd"
+    log = Logger()
 
     def __init__(self, reactor: Any, link: Any, blocking_link: Any, *, prefix: str,
                  fallbacks: Callable[[], Mapping[str, Gateway]], wait: float = WAIT) -> None:
@@ -74,7 +76,8 @@ class PushdGateway:
     async def _send(self, message: Message, targets: Sequence[Target]) -> Sequence[Result]:
         try:
             online = await self._deliver(message, targets)
-        except Exception:
+        except Exception as e:
+            self.log.warn("pushd gateway: {error!r}", error=e)
             # The order may or may not have gone out: nobody is taken for offline (no double send), all retried.
             return [Result(Outcome.RETRY, "redis")] * len(targets)
         results: list[Result | None] = [ONLINE if t.address in online else None for t in targets]
@@ -110,7 +113,7 @@ class PushdGateway:
                 reached.update(json.loads(reply_text(answer[1])).get("users", ()))
         finally:
             self._answers.release()
-            self._link.call("del", reply).addErrback(lambda _: None)
+            self._link.call("delete", reply).addErrback(lambda _: None)
         return reached
 
     async def _fall_back(self, message: Message, targets: Sequence[Target]) -> Sequence[Result]:

@@ -294,7 +294,7 @@ class JobWorkers(Service):
                     return
                 await self._lease(job.job_id, renew=True)
         finally:
-            await self._link.call("del", keys.lease(job.job_id)).addErrback(lambda _: None)
+            await self._link.call("delete", keys.lease(job.job_id)).addErrback(lambda _: None)
 
     async def _test(self, job: LiveJob) -> None:
         """The job's one test message, before anyone confirms the real run."""
@@ -307,7 +307,7 @@ class JobWorkers(Service):
                       "at": round(time.time(), 3)}
             await self.store.transition(job.job_id, "tested", test=report).addErrback(lambda _: None)
         finally:
-            await self._link.call("del", self.store.keys.lease(job.job_id)).addErrback(lambda _: None)
+            await self._link.call("delete", self.store.keys.lease(job.job_id)).addErrback(lambda _: None)
         self.log.info("job {job}: test message to {address}: {outcome}", job=job.job_id, address=job.spec.test_to,
                       outcome=result.outcome.value)
 

@@ -1,0 +1,44 @@
+"""Creating and following push jobs from tests through Redis itself, the way pushd's store does it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pushd.jobs import model, scripts
+from pushd.jobs.store import JobKeys
+from tests.integration.pushd_process import eventually
+
+KEYS = JobKeys("pushd:")
+
+
+def create_job(r: Any, **fields: Any) -> str:
+    """A job (JobStore.create's script, run by redis-py); its id."""
+    now = time.time()
+    spec = model.parse_spec(fields, now)
+    job_id = model.new_job_id(now)
+    first, created = r.eval(scripts.CREATE, 6, KEYS.job(job_id), KEYS.index, KEYS.live,
+                            KEYS.idempotency(spec.key) if spec.key else "", KEYS.queue(job_id),
+                            KEYS.audience(spec.audience), job_id, spec.to_json(), model.first_state(spec, now),
+                            f"{now:.3f}", model.KEY_WINDOW, "0" if spec.private else "1")
+    assert created != -1, f"no audience {spec.audience}"
+    return str(first)
+
+
+def job(r: Any, job_id: str) -> dict[str, Any]:
+    return model.progress(r.hgetall(KEYS.job(job_id)))
+
+
+def finished(r: Any, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The job's report once it is done or cancelled (bounded wait)."""
+    return eventually(lambda: (lambda j: j if j["state"] in model.FINAL else None)(job(r, job_id)), timeout=timeout)
+
+
+def add_audience(r: Any, name: str, recipients: dict[str, str]) -> None:
+    r.hset(KEYS.audience(name), mapping=recipients)
+    r.sadd("pushd:audiences", name)
+
+
+def failures(r: Any, job_id: str) -> list[dict[str, Any]]:
+    import json
+    return [json.loads(line) for line in r.lrange(KEYS.failures(job_id), 0, -1)]
