@@ -24,6 +24,7 @@ import os
 import platform
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -475,6 +476,13 @@ class Runner:
             url = self.wait_ready(pushd)
             result["url"] = url
             time.sleep(2)  # let start-up work (state purge, first heartbeat) finish before measuring
+            if self.args.alongside:
+                # Work of another kind on the same node while the scenario runs (bench/jobs.py --alongside).
+                env = dict(self.env, PUSHD_BENCH_REDIS=f"redis://127.0.0.1:{redis_port}")
+                alongside = Proc("alongside", shlex.split(self.args.alongside), cwd=ROOT, env=env)
+                procs.append(alongside)
+                alongside.wait_line(re.compile(r"^alongside ready"), 600)
+                result["alongside"] = self.args.alongside
             if scenario.mode == "idle":
                 rss_start = [self._sample_rss(pushd.pid) for _ in range(3)]
                 result["pushd_rss_start_kib"] = rss_start[-1]
@@ -882,6 +890,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ref", default="",
                    help="measure pushd as committed at this git ref (exported with git archive) instead of the "
                         "working tree")
+    p.add_argument("--alongside", default="",
+                   help="a command run once pushd is ready and stopped when the scenario ends, with "
+                        "PUSHD_BENCH_REDIS set to the scenario's Redis (e.g. a push job: bench/jobs.py --alongside); "
+                        "the scenario starts when it prints a line starting 'alongside ready'")
     p.add_argument("--label", default="", help="appended to the results file name (e.g. the variant under test)")
     p.add_argument("--clients", default="pushd",
                    help="comma-separated client mixes, each scenario run once per mix: pushd (pushd's own protocol), "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -31,7 +32,11 @@ def job(r: Any, job_id: str) -> dict[str, Any]:
 
 def finished(r: Any, job_id: str, timeout: float = 60) -> dict[str, Any]:
     """The job's report once it is done or cancelled (bounded wait)."""
-    return eventually(lambda: (lambda j: j if j["state"] in model.FINAL else None)(job(r, job_id)), timeout=timeout)
+    def final() -> dict[str, Any] | None:
+        report = job(r, job_id)
+        return report if report["state"] in model.FINAL else None
+
+    return dict(eventually(final, timeout=timeout))
 
 
 def add_audience(r: Any, name: str, recipients: dict[str, str]) -> None:
@@ -40,5 +45,4 @@ def add_audience(r: Any, name: str, recipients: dict[str, str]) -> None:
 
 
 def failures(r: Any, job_id: str) -> list[dict[str, Any]]:
-    import json
     return [json.loads(line) for line in r.lrange(KEYS.failures(job_id), 0, -1)]
