@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pushd.config import Config, ConfigError, Options, build_config
+from pushd.daemon import StartupReport
 from pushd.gateways.configured import build_gateways
 from pushd.jobs.store import JobStore
 from pushd.jobs.worker import JobWorkers
@@ -56,8 +57,10 @@ class WorkerProcess(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, target: RedisTarget) -> None:
+    def __init__(self, reactor: Any, config: Config, target: RedisTarget,
+                 startup: StartupReport | None = None) -> None:
         super().__init__()
+        self.startup = startup or StartupReport(None)
         self.reactor = reactor
         self.config = config
         self.target = target
@@ -67,8 +70,13 @@ class WorkerProcess(MultiService):
         self.workers: JobWorkers | None = None
         self.ready: defer.Deferred[None] = defer.Deferred()
 
+    def privilegedStartService(self) -> None:
+        self.startup.take_over()
+        super().privilegedStartService()
+
     def startService(self) -> None:
         super().startService()
+        self.ready.addCallback(lambda _: self.startup.succeeded())
         defer.ensureDeferred(self._start()).addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> None:
@@ -84,8 +92,15 @@ class WorkerProcess(MultiService):
                       redis=self.target.display)
 
     def _failed(self, failure: Any) -> None:
-        sys.stderr.write(f"pushd-worker: {failure.value if failure.check(ConfigError) else failure.getTraceback()}\n")
+        if failure.check(ConfigError):
+            message = str(failure.value)
+        else:
+            self.log.failure("unexpected start-up failure", failure)
+            message = f"start-up failed: {failure.getErrorMessage()}"
+        self.log.critical("pushd-worker: {message}", message=message)
         self.ready.errback(failure)
+        self.ready.addErrback(lambda _: None)
+        self.startup.failed(message)
         self.reactor.callLater(0, self.reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
@@ -100,7 +115,7 @@ class WorkerProcess(MultiService):
         self.log.info("pushd worker stopped")
 
 
-def make_worker(options: Options, runtime_file: str) -> WorkerProcess:
+def make_worker(options: Options, runtime_file: str, parent: Any = None) -> WorkerProcess:
     """The worker process from parsed options; a bad setting ends the process with one line on stderr."""
     from twisted.internet import reactor
 
@@ -112,4 +127,4 @@ def make_worker(options: Options, runtime_file: str) -> WorkerProcess:
     except ConfigError as e:
         sys.stderr.write(f"pushd-worker: {e}\n")
         raise SystemExit(1) from None
-    return WorkerProcess(reactor, config, target)
+    return WorkerProcess(reactor, config, target, StartupReport(parent))

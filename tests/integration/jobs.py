@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 from pushd.jobs import model, scripts
 from pushd.jobs.store import JobKeys
-from tests.integration.pushd_process import eventually
+from tests.integration.pushd_process import TWISTD, PushdProcess, eventually, python_env
 
 KEYS = JobKeys("pushd:")
+WORKER_READY = re.compile(r"pushd worker ready")
 
 
 def create_job(r: Any, **fields: Any) -> str:
@@ -46,3 +52,19 @@ def add_audience(r: Any, name: str, recipients: dict[str, str]) -> None:
 
 def failures(r: Any, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in r.lrange(KEYS.failures(job_id), 0, -1)]
+
+
+class JobWorkerProcess(PushdProcess):
+    """A real `twistd -n pushd-worker` process: job workers and nothing else."""
+
+    def __init__(self, workdir: Path, *args: str, redis: str) -> None:
+        super().__init__(workdir, redis=redis, listen=False, api=False)
+        self.argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", str(self.workdir / "twistd.pid"),
+                     "pushd-worker", "--redis", redis, *args]
+
+    def start(self, timeout: float = 30) -> Self:
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for(WORKER_READY, timeout)
+        return self

@@ -33,7 +33,7 @@ class PushdWorkerServiceMaker:
 
         parent = getattr(options, "parent", None)
         pidfile = parent.get("pidfile") if parent is not None else None
-        return make_worker(options, os.path.join(runtime_dir(pidfile), "pushd.runtime.json"))
+        return make_worker(options, os.path.join(runtime_dir(pidfile), "pushd.runtime.json"), parent)
 
 
 serviceMaker = PushdServiceMaker()
