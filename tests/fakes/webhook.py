@@ -1,0 +1,165 @@
+"""A webhook receiver as pushd's webhook gateway expects one (pushd/gateways/webhook.py): it checks the signature
+and the replay window, counts every recipient by idempotency key (so duplicates are visible), and can be told to
+misbehave: report every Nth address invalid, answer 503 with Retry-After, be slow.
+
+    python -m tests.fakes.webhook --port 0 --secret S [--invalid-every N] [--fail-first N] [--latency MS]
+
+prints `{"url": "http://127.0.0.1:PORT/hook"}` once listening; `GET /stats` answers the counters as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Self
+
+from twisted.internet import defer, task
+from twisted.web import resource, server
+
+#: Seconds a timestamp may be off, as a careful receiver would allow.
+REPLAY_WINDOW = 300
+
+
+class Receiver(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, secret: str, *, clock: Any = None, invalid_every: int = 0, fail_first: int = 0,
+                 latency_ms: int = 0, now: Any = time.time) -> None:
+        super().__init__()
+        self.secret = secret.encode()
+        self.clock = clock
+        self.invalid_every = invalid_every
+        self.fail_first = fail_first
+        self.latency = latency_ms / 1000
+        self.now = now
+        self.requests = 0
+        self.refused = 0
+        self.recipients = 0
+        self.keys: set[str] = set()
+        self.duplicates = 0
+        self.bodies: list[dict[str, Any]] = []
+        self.keep_bodies = False
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": self.requests, "refused": self.refused, "recipients": self.recipients,
+                "unique": len(self.keys), "duplicates": self.duplicates}
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.stats()).encode()
+
+    def render_POST(self, request: Any) -> Any:
+        self.requests += 1
+        body = request.content.read()
+        timestamp = (request.getHeader(b"x-pushd-timestamp") or b"").decode()
+        signature = (request.getHeader(b"x-pushd-signature") or b"").decode()
+        expected = "sha256=" + hmac.new(self.secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected) or not timestamp.isdigit() \
+                or abs(self.now() - int(timestamp)) > REPLAY_WINDOW:
+            self.refused += 1
+            request.setResponseCode(401)
+            return b'{"error": "bad signature or timestamp"}'
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            request.setResponseCode(503)
+            request.setHeader(b"retry-after", b"1")
+            return b""
+        batch = json.loads(body)
+        if self.keep_bodies:
+            self.bodies.append(batch)
+        results = []
+        for message in batch["messages"]:
+            self.recipients += 1
+            key = message["key"]
+            if key in self.keys:
+                self.duplicates += 1
+            self.keys.add(key)
+            if self.invalid_every and self.recipients % self.invalid_every == 0:
+                results.append({"key": key, "status": "invalid", "reason": "unknown-number"})
+        reply = json.dumps({"results": results}).encode()
+        request.setHeader(b"content-type", b"application/json")
+        if not self.latency or self.clock is None:
+            return reply
+
+        def answer() -> None:
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(reply)
+                request.finish()
+
+        task.deferLater(self.clock, self.latency, answer).addErrback(lambda _: None)
+        return server.NOT_DONE_YET
+
+
+class FakeWebhookProcess:
+    """The receiver as a process of its own (bench, integration tests); stopped by PID."""
+
+    def __init__(self, secret: str, *args: str) -> None:
+        self.secret = secret
+        self.argv = [sys.executable, "-m", "tests.fakes.webhook", "--port", "0", "--secret", secret, *args]
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self) -> Self:
+        root = Path(__file__).resolve().parents[2]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(self.argv, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fake webhook exited with {self.proc.wait()}")
+        self.url = json.loads(line)["url"]
+        return self
+
+    def stats(self) -> dict[str, int]:
+        import urllib.request
+
+        with urllib.request.urlopen(re.sub(r"/hook$", "/stats", self.url), timeout=10) as reply:
+            return dict(json.load(reply))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--secret", required=True)
+    p.add_argument("--invalid-every", type=int, default=0)
+    p.add_argument("--fail-first", type=int, default=0)
+    p.add_argument("--latency", type=int, default=0, help="milliseconds before each answer")
+    args = p.parse_args(argv)
+
+    def run(reactor: Any) -> defer.Deferred[None]:
+        receiver = Receiver(args.secret, clock=reactor, invalid_every=args.invalid_every, fail_first=args.fail_first,
+                            latency_ms=args.latency)
+        site = server.Site(receiver)
+        site.noisy = False
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=1024)
+        print(json.dumps({"url": f"http://127.0.0.1:{port.getHost().port}/hook"}), flush=True)
+        done: defer.Deferred[None] = defer.Deferred()
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: done.callback(None) if not done.called else None)
+        return done
+
+    task.react(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
