@@ -3,6 +3,7 @@ and the replay window, counts every recipient by idempotency key (so duplicates 
 misbehave: report every Nth address invalid, answer 503 with Retry-After, be slow.
 
     python -m tests.fakes.webhook --port 0 --secret S [--invalid-every N] [--fail-first N] [--latency MS]
+        [--slow-first N]
 
 prints `{"url": "http://127.0.0.1:PORT/hook"}` once listening; `GET /stats` answers the counters as JSON.
 """
@@ -33,13 +34,15 @@ class Receiver(resource.Resource):
     isLeaf = True
 
     def __init__(self, secret: str, *, clock: Any = None, invalid_every: int = 0, fail_first: int = 0,
-                 latency_ms: int = 0, now: Any = time.time) -> None:
+                 latency_ms: int = 0, slow_first: int = 0, now: Any = time.time) -> None:
         super().__init__()
         self.secret = secret.encode()
         self.clock = clock
         self.invalid_every = invalid_every
         self.fail_first = fail_first
         self.latency = latency_ms / 1000
+        #: Only the first N requests are slow (0: all of them).
+        self.slow_first = slow_first
         self.now = now
         self.requests = 0
         self.refused = 0
@@ -87,7 +90,7 @@ class Receiver(resource.Resource):
                 results.append({"key": key, "status": "invalid", "reason": "unknown-number"})
         reply = json.dumps({"results": results}).encode()
         request.setHeader(b"content-type", b"application/json")
-        if not self.latency or self.clock is None:
+        if not self.latency or self.clock is None or (self.slow_first and self.requests > self.slow_first):
             return reply
 
         def answer() -> None:
@@ -144,11 +147,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--invalid-every", type=int, default=0)
     p.add_argument("--fail-first", type=int, default=0)
     p.add_argument("--latency", type=int, default=0, help="milliseconds before each answer")
+    p.add_argument("--slow-first", type=int, default=0, help="only the first N requests get --latency (0: all)")
     args = p.parse_args(argv)
 
     def run(reactor: Any) -> defer.Deferred[None]:
         receiver = Receiver(args.secret, clock=reactor, invalid_every=args.invalid_every, fail_first=args.fail_first,
-                            latency_ms=args.latency)
+                            latency_ms=args.latency, slow_first=args.slow_first)
         site = server.Site(receiver)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]

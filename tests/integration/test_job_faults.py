@@ -1,0 +1,76 @@
+"""Push jobs through the webhook gateway with real worker processes and a real receiver: kill -9 mid-batch,
+SIGTERM mid-batch, back-pressure, dead addresses. Every recipient is accounted for, none is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from tests.fakes.webhook import FakeWebhookProcess
+from tests.integration.jobs import JobWorkerProcess, add_audience, create_job, finished
+from tests.integration.pushd_process import eventually
+
+SECRET = "job-fault-tests"
+
+
+def worker(tmp_path, name, redis, hook, *args):
+    return JobWorkerProcess(tmp_path / name, "--webhook-url", hook.url, "--webhook-secret", SECRET, *args,
+                            redis=redis)
+
+
+def audience(r, n=1000):
+    add_audience(r, "people", {f"+47{i:08d}": "{}" for i in range(n)})
+
+
+def test_a_worker_killed_mid_batch_leaves_its_batches_to_another_after_the_visibility_timeout(tmp_path, redis_server):
+    r = redis_server.client()
+    audience(r)
+    with FakeWebhookProcess(SECRET, "--latency", "30000", "--slow-first", "2") as hook:
+        first = worker(tmp_path, "w1", redis_server.url, hook, "--job-workers", "2",
+                       "--job-visibility-timeout", "2").start()
+        job_id = create_job(r, gateway="webhook", audience="people", title="t", batch=100)
+        eventually(lambda: hook.stats()["requests"] == 2)   # both consumers hold a batch the receiver sits on
+        os.kill(first.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        with worker(tmp_path, "w2", redis_server.url, hook, "--job-workers", "2", "--job-visibility-timeout", "2"):
+            report = finished(r, job_id)
+        stats = hook.stats()
+    assert (report["state"], report["total"], report["sent"], report["failed"]) == ("done", 1000, 1000, 0)
+    assert report["redelivered"] == 200, report   # the two batches the dead worker held, sent again
+    assert stats["unique"] == 1000                # nobody lost
+    assert stats["duplicates"] == 200             # at most one batch per consumer of the dead process
+    assert not r.exists(f"pushd:job:{job_id}:queue")   # a finished job's queue is gone, nothing left pending
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_another_worker_resumes_the_job(tmp_path, redis_server):
+    r = redis_server.client()
+    audience(r)
+    with FakeWebhookProcess(SECRET, "--latency", "3000", "--slow-first", "1") as hook:
+        first = worker(tmp_path, "w1", redis_server.url, hook, "--job-workers", "1").start()
+        job_id = create_job(r, gateway="webhook", audience="people", title="t", batch=100)
+        eventually(lambda: hook.stats()["requests"] == 1)
+        assert first.stop() == -15
+        assert "pushd worker stopped" in first.log
+        # The batch in its hands was answered (3 s later) and recorded before it exited.
+        assert int(r.hget(f"pushd:job:{job_id}", "sent")) == 100
+        with worker(tmp_path, "w2", redis_server.url, hook, "--job-workers", "2"):
+            report = finished(r, job_id)
+        stats = hook.stats()
+    assert (report["sent"], report["redelivered"], report["duplicates"]) == (1000, 0, 0)
+    assert (stats["unique"], stats["duplicates"]) == (1000, 0)
+
+
+def test_back_pressure_slows_the_job_and_dead_addresses_leave_the_audience(tmp_path, redis_server):
+    r = redis_server.client()
+    audience(r)
+    with FakeWebhookProcess(SECRET, "--fail-first", "3", "--invalid-every", "10") as hook, \
+            worker(tmp_path, "w", redis_server.url, hook, "--job-workers", "2"):
+        # retries=0: a transient error would fail the recipient at once; back-pressure must not.
+        job_id = create_job(r, gateway="webhook", audience="people", title="t", batch=100, retries=0)
+        report = finished(r, job_id)
+        refused = hook.stats()["refused"]
+    assert (report["state"], report["sent"], report["invalid"], report["failed"]) == ("done", 900, 100, 0)
+    assert report["errors"] == {"http-503": 300, "unknown-number": 100}
+    assert report["removed"] == 100 and r.hlen("pushd:audience:people") == 900
+    assert report["retrying"] == 0 and report["retried"] == 300   # held back and sent again, not failed
+    assert refused == 0
