@@ -19,8 +19,10 @@ from twisted.internet import defer, task
 from twisted.python import usage
 
 from pushd import __version__, protocol
-from pushd.config import ConfigError, build_config
+from pushd.config import ConfigError, Options, build_config
+from pushd.jobs import commands, model
 from pushd.jobs.audience import AudienceError, Audiences, Rejected, check_name, guess_format, read_file
+from pushd.jobs.store import JobConflict, JobNotFound, JobStore
 from pushd.redis.client import RedisLink, reply_text
 from pushd.redis.history import History, HistoryKeys, HistoryPolicies
 from pushd.redis.state import Keys
@@ -101,6 +103,93 @@ class AudienceOptions(usage.Options):
             raise usage.UsageError("name an audience command: import, remove or show")
 
 
+class JobCreateOptions(_Common):
+    synopsis = "[options] (--audience NAME | --recipients FILE) --gateway GATEWAY --title TITLE"
+    optParameters = [
+        ["audience", None, None, "The audience to send to (pushctl audience import)."],
+        ["recipients", None, None, "A CSV or NDJSON file of recipients for this job alone, instead of --audience."],
+        ["format", None, None, "--recipients: csv or ndjson (default: by the file's extension)."],
+        ["address", None, None, "--recipients: the column or field holding the address."],
+        ["rejects", None, None, "--recipients: where rejected rows go (default: FILE.rejected)."],
+        ["gateway", None, None, "webhook, fcm, webpush, apns or pushd."],
+        ["title", None, None, "The title; $field is replaced by the recipient's field."],
+        ["body", None, None, "The body; $field as in the title."],
+        ["batch", None, None, "Recipients per batch [default: 500]."],
+        ["rate", None, None, "Most recipients per second across all workers: N/s, N/min or N/h."],
+        ["test-to", None, None, "Send to this address first and wait for pushctl job confirm."],
+        ["start-at", None, None, "When to start: ISO 8601 (UTC without a zone), unix seconds, or +N[s|m|h]."],
+        ["key", None, None, "Idempotency key: the same key within 24 hours returns the first job."],
+        ["fallback", None, None, "pushd gateway: where users with no live connection go (fcm, webpush, apns, webhook)."],
+        ["ttl", None, None, "Seconds a provider may keep the message for an offline device [default: 86400]."],
+        ["retries", None, None, "Transient failures one recipient may have [default: 5]."],
+    ]
+    optFlags = [["json", None, "Print the answer as JSON."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["data"] = {}
+
+    def opt_data(self, pair: str) -> None:
+        """NAME=VALUE for the message's data; repeatable."""
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise usage.UsageError(f"--data {pair!r}: expected NAME=VALUE")
+        self["data"][name] = value
+
+    def postOptions(self) -> None:
+        if bool(self["audience"]) == bool(self["recipients"]):
+            raise usage.UsageError("give --audience NAME or --recipients FILE (one of them)")
+
+    def spec_fields(self) -> dict[str, Any]:
+        names = ("audience", "gateway", "title", "body", "batch", "rate", "test-to", "start-at", "key", "fallback",
+                 "ttl", "retries")
+        fields: dict[str, Any] = {name.replace("-", "_"): self[name] for name in names if self[name] is not None}
+        fields["data"] = self["data"]
+        return fields
+
+
+class _JobId(_Common):
+    synopsis = "[options] JOB-ID"
+    optFlags = [["json", None, "Print JSON."]]
+
+    def parseArgs(self, job_id: str) -> None:  # type: ignore[override]
+        self["id"] = job_id
+
+
+class JobShowOptions(_JobId):
+    optParameters = [["failures", None, None, "Write every permanent failure to this file (NDJSON)."]]
+
+
+class JobListOptions(_Common):
+    optParameters: list[list[Any]] = [["limit", None, 50, "Show the newest N jobs.", int]]
+    optFlags = [["json", None, "Print JSON."]]
+
+
+class JobOptions(usage.Options):
+    subCommands = [
+        ["create", None, JobCreateOptions, "Create a push job."],
+        ["list", None, JobListOptions, "The newest jobs and their progress."],
+        ["show", None, JobShowOptions, "A job's report: counts, duration, errors; --failures FILE."],
+        ["watch", None, _JobId, "A live progress bar until the job is finished."],
+        ["confirm", None, _JobId, "Run a job waiting after its test message."],
+        ["pause", None, _JobId, "Stop workers from taking the job's batches."],
+        ["resume", None, _JobId, "Go on with a paused job."],
+        ["cancel", None, _JobId, "Stop a job for good."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("name a job command: create, list, show, watch, confirm, pause, resume, cancel")
+
+
+class WorkerOptions(Options):
+    """`pushctl worker`: every setting of `twistd pushd`; the same as `twistd -n pushd-worker`."""
+
+    optParameters = Options.optParameters + [
+        ["pidfile", None, "twistd.pid", "A running node's pidfile: its Redis is used when --redis is not given."],
+    ]
+
+
 class CommandOptions(usage.Options):
     opt_version = _print_version
     longdesc = ("Reads and publishes through the Redis of a running pushd node (twistd pushd). "
@@ -109,6 +198,8 @@ class CommandOptions(usage.Options):
         ["publish", None, PublishOptions, "Publish DATA (JSON) to TOPIC through the server's Redis."],
         ["stats", None, StatsOptions, "Nodes, connections, topics and subscribers, read from Redis."],
         ["audience", None, AudienceOptions, "Recipient lists for push jobs: import, remove, show."],
+        ["job", None, JobOptions, "Push jobs: create, list, show, watch, confirm, pause, resume, cancel."],
+        ["worker", None, WorkerOptions, "Run job workers in the foreground (as twistd -n pushd-worker)."],
     ]
 
     def getSynopsis(self) -> str:
@@ -117,7 +208,7 @@ class CommandOptions(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: publish, stats or audience")
+            raise usage.UsageError("name a command: publish, stats, audience, job or worker")
 
 
 @dataclass(frozen=True)
@@ -278,8 +369,89 @@ class _Rejects:
             self._file.close()
 
 
+@defer.inlineCallbacks
+def job(reactor: Any, server: Server, command: str, options: Any) -> Any:
+    """`pushctl job ...`: the text to print."""
+    link = RedisLink(reactor, server.target, timeout=server.redis_timeout)
+    prefix = server.keys.prefix
+    store = JobStore(link, prefix)
+    try:
+        if command == "create":
+            path = options["recipients"]
+            if path:
+                rejects_path = options["rejects"] or path + ".rejected"
+                try:
+                    with open(path, encoding="utf-8", newline="") as stream, _Rejects(rejects_path) as rejects:
+                        rows = read_file(stream, options["format"] or guess_format(path), options["address"])
+                        job_id, created, state = yield commands.create(link, prefix, options.spec_fields(), rows,
+                                                                       rejects.write)
+                except OSError as e:
+                    raise CommandError(f"{e.filename}: {e.strerror}") from None
+            else:
+                job_id, created, state = yield commands.create(link, prefix, options.spec_fields())
+            if options["json"]:
+                return json.dumps({"id": job_id, "state": state, "duplicate": not created})
+            return job_id if created else f"{job_id} (the job key {options['key']!r} already named; nothing new)"
+        if command == "list":
+            reports = yield store.list(options["limit"])
+            if options["json"]:
+                return json.dumps({"jobs": reports}, indent=2)
+            return "\n".join(commands.list_line(r) for r in reports) or "no jobs"
+        job_id = options["id"]
+        if command == "show":
+            report = yield store.show(job_id)
+            text = json.dumps(report, indent=2) if options["json"] else commands.format_report(report)
+            if options["failures"]:
+                count = yield commands.write_failures(store, job_id, options["failures"])
+                text += f"\n{count:,} failures written to {options['failures']}"
+            return text
+        if command == "watch":
+            watch = commands.Watch(reactor, link, prefix, job_id)
+            reactor.addSystemEventTrigger("before", "shutdown", watch.stop)
+            report = yield watch.start()
+            return commands.format_report(report)
+        state = yield store.transition(job_id, command)
+        return f"job {job_id}: {state}"
+    except (model.JobError, JobConflict, AudienceError) as e:
+        raise CommandError(str(e)) from None
+    except JobNotFound:
+        raise CommandError(f"no job {options['id']!r}") from None
+    finally:
+        yield link.disconnect()
+
+
+def worker(reactor: Any, options: WorkerOptions) -> defer.Deferred[None]:
+    """`pushctl worker`: job workers until SIGINT/SIGTERM; the batches in hand are finished first."""
+    from pushd.jobs.process import WorkerProcess, find_redis
+
+    try:
+        config = build_config(options.given(), options["config"])
+        if config.job_workers == 0:
+            raise CommandError("job-workers: 0 here would run nothing; a worker process needs at least 1")
+        target = find_redis(config, os.path.join(runtime_dir(options["pidfile"]), "pushd.runtime.json"))
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    process = WorkerProcess(reactor, config, target, stop_reactor=False)
+    stopped: defer.Deferred[None] = defer.Deferred()
+    def finish(_: object) -> None:
+        if not stopped.called:
+            stopped.callback(None)
+
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: process.stopService().addBoth(finish))
+    process.startService()
+    process.ready.addErrback(lambda f: None if stopped.called else stopped.errback(CommandError(str(f.value))))
+    return stopped
+
+
 def _run(reactor: Any, options: CommandOptions) -> Any:
     sub = options.subOptions
+    if options.subCommand == "worker":
+        return worker(reactor, sub)
+    if options.subCommand == "job":
+        command, sub = sub.subCommand, sub.subOptions
+        d = job(reactor, locate_server(sub), command, sub)
+        d.addCallback(_say)
+        return d
     if options.subCommand == "audience":
         command, sub = sub.subCommand, sub.subOptions
         d = audience(reactor, locate_server(sub), command, sub)

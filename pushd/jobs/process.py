@@ -58,8 +58,10 @@ class WorkerProcess(MultiService):
     log = Logger()
 
     def __init__(self, reactor: Any, config: Config, target: RedisTarget,
-                 startup: StartupReport | None = None) -> None:
+                 startup: StartupReport | None = None, stop_reactor: bool = True) -> None:
+        """`stop_reactor`: end the process when start-up fails (twistd); `pushctl worker` ends it itself."""
         super().__init__()
+        self._stop_reactor = stop_reactor
         self.startup = startup or StartupReport(None)
         self.reactor = reactor
         self.config = config
@@ -100,8 +102,9 @@ class WorkerProcess(MultiService):
         self.log.critical("pushd-worker: {message}", message=message)
         self.ready.errback(failure)
         self.ready.addErrback(lambda _: None)
-        self.startup.failed(message)
-        self.reactor.callLater(0, self.reactor.stop)
+        if self._stop_reactor:
+            self.startup.failed(message)
+            self.reactor.callLater(0, self.reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._stop())

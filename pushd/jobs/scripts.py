@@ -120,7 +120,8 @@ return {cursor, added, complete}
 #: (another worker took it over after the visibility timeout and finished first) changes nothing but
 #: `duplicates`. KEYS: job, queue, delayed, failures, audience ('' = keep invalid addresses), live set.
 #: ARGV: entry id, now, sent, failed, invalid, retrying, redelivered, errors JSON {reason: n}, sent-via JSON,
-#: delayed JSON [[due, member]...], failures JSON [line...], invalid addresses JSON [...], private (1/0).
+#: delayed JSON [[due, member]...], failures JSON [line...], invalid addresses JSON [...], private (1/0: the
+#: audience is the job's own, deleted when it is done, so dead addresses are not removed from it one by one).
 #: Returns {1 if recorded, state after}.
 SETTLE = """
 local job = KEYS[1]
@@ -143,7 +144,7 @@ for reason, n in pairs(cjson.decode(ARGV[8])) do redis.call('HINCRBY', job, 'e:'
 for reason, n in pairs(cjson.decode(ARGV[9])) do redis.call('HINCRBY', job, 'v:' .. reason, n) end
 for _, item in ipairs(cjson.decode(ARGV[10])) do redis.call('ZADD', KEYS[3], item[1], item[2]) end
 for _, line in ipairs(cjson.decode(ARGV[11])) do redis.call('RPUSH', KEYS[4], line) end
-if KEYS[5] ~= '' then
+if KEYS[5] ~= '' and ARGV[13] ~= '1' then
   local removed = 0
   for _, address in ipairs(cjson.decode(ARGV[12])) do removed = removed + redis.call('HDEL', KEYS[5], address) end
   if removed > 0 then redis.call('HINCRBY', job, 'removed', removed) end

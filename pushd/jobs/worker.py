@@ -407,11 +407,11 @@ class JobWorkers(Service):
 
     async def _settle(self, job: LiveJob, entry_id: str, t: Tally, *, redelivered: int) -> None:
         keys, spec = self.store.keys, job.spec
-        remove = keys.audience(spec.audience) if t.dead and not spec.private else ""
+        audience = keys.audience(spec.audience) if t.dead or spec.private else ""
         compact = (",", ":")
         await self.store.eval(scripts.SETTLE, [
             keys.job(job.job_id), keys.queue(job.job_id), keys.delayed(job.job_id), keys.failures(job.job_id),
-            remove if remove else (keys.audience(spec.audience) if spec.private else ""), keys.live], [
+            audience, keys.live], [
             entry_id, f"{time.time():.3f}", t.sent, t.failed, t.invalid, t.retrying, redelivered,
             json.dumps(t.errors or {}, separators=compact), json.dumps(t.via or {}, separators=compact),
             json.dumps(t.delayed, separators=compact), json.dumps(t.failures, separators=compact),

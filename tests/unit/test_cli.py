@@ -42,7 +42,7 @@ def test_usage_and_errors_name_pushctl(capsys: pytest.CaptureFixture[str]) -> No
 
     code, _, _ = run(capsys)
     assert str(code).startswith("Usage: pushctl COMMAND [options]\n")
-    assert str(code).endswith("\npushctl: name a command: publish, stats or audience")
+    assert str(code).endswith("\npushctl: name a command: publish, stats, audience, job or worker")
 
     code, _, _ = run(capsys, "publish", "AAPL")
     assert str(code).startswith("Usage: pushctl publish [options] TOPIC DATA\n")
