@@ -26,6 +26,9 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from pushd import api_centrifugo, protocol
+from pushd.jobs.audience import Recipient, Rejected, recipient_of
+from pushd.jobs.model import JobError, parse_spec
+from pushd.jobs.store import JobConflict, JobNotFound, JobStore
 from pushd.origins import EMPTY, OriginPolicy
 from pushd.recovery import Position
 
@@ -63,6 +66,9 @@ class ApiBackend(Protocol):
     def disconnect_user(self, user: str, code: int, reason: str) -> Deferred[int]:
         """Close every connection of `user`; the number of nodes told."""
 
+    #: Push jobs (pushd/jobs/store.py).
+    jobs: JobStore
+
 
 _T = TypeVar("_T")
 
@@ -93,11 +99,12 @@ class ErrorCode:
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    CONFLICT = "conflict"
     UNAVAILABLE = "unavailable"
     INTERNAL_ERROR = "internal_error"
 
-    ALL = (BAD_REQUEST, INVALID_TOPIC, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, METHOD_NOT_ALLOWED, PAYLOAD_TOO_LARGE,
-           UNSUPPORTED_MEDIA_TYPE, UNAVAILABLE, INTERNAL_ERROR)
+    ALL = (BAD_REQUEST, INVALID_TOPIC, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, METHOD_NOT_ALLOWED, CONFLICT,
+           PAYLOAD_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE, UNAVAILABLE, INTERNAL_ERROR)
 
 
 class ApiError(Exception):
@@ -145,6 +152,8 @@ class Route:
     handler: Handler
     summary: str
     auth: bool = True
+    #: A POST whose body may be empty (an action on a thing named by the path); it still needs the JSON type.
+    body: bool = True
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -203,6 +212,107 @@ def _publish_to_user(call: Call) -> Deferred[Reply]:
     payload = _payload(call.body, "")
     return _ask(call, "publish_to_user", call.backend.publish_to_user, user, payload).addCallback(
         lambda nodes: (200, {"user": user, "nodes": nodes}))
+
+
+#: Recipients a job may bring in its request (more: import an audience first).
+MAX_INLINE_RECIPIENTS = 10000
+JOB_ACTIONS = ("confirm", "pause", "resume", "cancel")
+MAX_FAILURES_PAGE = 10000
+
+
+def _ask_jobs(call: Call, what: str, method: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
+    """As `_ask`, with the jobs' own refusals as 400, 404 and 409."""
+
+    def refused(failure: Failure) -> Failure:
+        if failure.check(JobError):
+            return Failure(_bad(str(failure.value)))
+        if failure.check(JobNotFound):
+            return Failure(ApiError(404, ErrorCode.NOT_FOUND, f"no job {str(failure.value)[:128]!r}"))
+        if failure.check(JobConflict):
+            return Failure(ApiError(409, ErrorCode.CONFLICT, str(failure.value)))
+        return call.health.failed(failure, what)
+
+    return maybeDeferred(method, *args).addCallbacks(call.health.answered, refused)
+
+
+def _inline_recipients(items: Any) -> list[Recipient]:
+    if not isinstance(items, list) or not items:
+        raise _bad("recipients: must be a non-empty list of addresses or {address, ...fields} objects")
+    if len(items) > MAX_INLINE_RECIPIENTS:
+        raise _bad(f"recipients: {len(items)} recipients; at most {MAX_INLINE_RECIPIENTS} in a request (import an "
+                   "audience for more)")
+    rows: list[Recipient] = []
+    for i, item in enumerate(items):
+        row = {"address": item} if isinstance(item, str) else item
+        if not isinstance(row, dict):
+            raise _bad(f"recipients[{i}]: must be an address or an object with an address")
+        recipient = recipient_of(i, row)
+        if isinstance(recipient, Rejected):
+            raise _bad(f"recipients[{i}]: {recipient.reason}")
+        rows.append(recipient)
+    return rows
+
+
+def _create_job(call: Call) -> Deferred[Reply]:
+    fields = dict(call.body)
+    rows = _inline_recipients(fields.pop("recipients")) if "recipients" in fields else None
+    if rows is not None and "audience" in fields:
+        raise _bad("recipients: give recipients or audience, not both")
+    try:
+        # Checked before anything is written; inline recipients get an audience of the job's own.
+        parse_spec({**fields, "audience": "-"} if rows is not None else fields)
+    except JobError as e:
+        raise _bad(str(e)) from None
+    store = call.backend.jobs
+
+    def reply(created: tuple[str, bool, str]) -> Reply:
+        job_id, new, state = created
+        return (201 if new else 200), {"id": job_id, "state": state, "duplicate": not new}
+
+    return _ask_jobs(call, "create_job", store.submit, fields, rows).addCallback(reply)
+
+
+def _list_jobs(call: Call) -> Deferred[Reply]:
+    limit = _query_count(call.query, "limit", 50, 500)
+    return _ask_jobs(call, "list_jobs", call.backend.jobs.list, limit).addCallback(lambda jobs: (200, {"jobs": jobs}))
+
+
+def _job(call: Call) -> Deferred[Reply]:
+    job_id = _identifier(call.params, "job")
+    return _ask_jobs(call, "job", call.backend.jobs.show, job_id).addCallback(lambda report: (200, report))
+
+
+def _job_action(call: Call) -> Deferred[Reply]:
+    job_id = _identifier(call.params, "job")
+    action = _decoded(call.params, "action")
+    if action not in JOB_ACTIONS:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no job action {action[:32]!r} ({', '.join(JOB_ACTIONS)})")
+    return _ask_jobs(call, f"{action}_job", call.backend.jobs.transition, job_id, action).addCallback(
+        lambda state: (200, {"id": job_id, "state": state}))
+
+
+def _job_failures(call: Call) -> Deferred[Reply]:
+    job_id = _identifier(call.params, "job")
+    start = _query_count(call.query, "start", 0, 2**40, low=0)
+    count = _query_count(call.query, "count", 1000, MAX_FAILURES_PAGE)
+
+    def reply(rows: list[dict[str, Any]]) -> Reply:
+        return 200, {"failures": rows, "next": start + len(rows) if len(rows) == count else None}
+
+    return _ask_jobs(call, "job_failures", call.backend.jobs.failures, job_id, start, count).addCallback(reply)
+
+
+def _query_count(query: Mapping[bytes, Sequence[bytes]], name: str, default: int, high: int, low: int = 1) -> int:
+    raw = _query_value(query, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(f"{name}: {raw[:20]!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise _bad(f"{name}: must be from {low} to {high}")
+    return value
 
 
 def _broadcast(call: Call) -> Deferred[Reply]:
@@ -306,6 +416,14 @@ ROUTES: tuple[Route, ...] = (
           "Close every connection of one user, on every node"),
     Route("POST", "/api/centrifugo/{method}", "centrifugo", _centrifugo,
           "Centrifugo's server API (publish, broadcast, disconnect, channels), for clients written for Centrifugo"),
+    Route("POST", "/api/jobs", "createJob", _create_job,
+          "Create a push job: one message to an audience (or to the recipients given) through a gateway"),
+    Route("GET", "/api/jobs", "listJobs", _list_jobs, "The newest push jobs and their progress"),
+    Route("GET", "/api/jobs/{job}", "job", _job, "One push job's progress and report"),
+    Route("GET", "/api/jobs/{job}/failures", "jobFailures", _job_failures,
+          "The permanent failures of a push job, a page at a time"),
+    Route("POST", "/api/jobs/{job}/{action}", "jobAction", _job_action,
+          "Confirm (after its test message), pause, resume or cancel a push job", body=False),
     Route("GET", "/api/openapi.json", "openapi", _openapi_document,
           "This API's OpenAPI document (no key needed)", auth=False),
 )
@@ -627,6 +745,8 @@ class ApiResource(Resource):
         if content_type.split(b";")[0].strip().lower() != b"application/json":
             raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                            f"Content-Type {content_type[:64].decode('latin-1')!r} is not application/json")
+        if not body.strip() and not route.body:
+            return {}
         return _parse_body(body)
 
     def _failed(self, failure: Failure, request: server.Request) -> _Response:

@@ -383,12 +383,11 @@ def job(reactor: Any, server: Server, command: str, options: Any) -> Any:
                 try:
                     with open(path, encoding="utf-8", newline="") as stream, _Rejects(rejects_path) as rejects:
                         rows = read_file(stream, options["format"] or guess_format(path), options["address"])
-                        job_id, created, state = yield commands.create(link, prefix, options.spec_fields(), rows,
-                                                                       rejects.write)
+                        job_id, created, state = yield store.submit(options.spec_fields(), rows, rejects.write)
                 except OSError as e:
                     raise CommandError(f"{e.filename}: {e.strerror}") from None
             else:
-                job_id, created, state = yield commands.create(link, prefix, options.spec_fields())
+                job_id, created, state = yield store.submit(options.spec_fields())
             if options["json"]:
                 return json.dumps({"id": job_id, "state": state, "duplicate": not created})
             return job_id if created else f"{job_id} (the job key {options['key']!r} already named; nothing new)"
@@ -431,6 +430,11 @@ def worker(reactor: Any, options: WorkerOptions) -> defer.Deferred[None]:
         target = find_redis(config, os.path.join(runtime_dir(options["pidfile"]), "pushd.runtime.json"))
     except ConfigError as e:
         raise CommandError(str(e)) from None
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    # The log as twistd -n writes it: to stdout, one line per event.
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],  # type: ignore[list-item]
+                                     redirectStandardIO=False)
     process = WorkerProcess(reactor, config, target, stop_reactor=False)
     stopped: defer.Deferred[None] = defer.Deferred()
     def finish(_: object) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import defer
 
 from pushd.api import Unavailable
+from pushd.jobs.store import JobStore
 from pushd.recovery import Position
 from pushd.redis.client import reply_text
 from pushd.redis.history import History
@@ -120,6 +121,8 @@ class Cluster:
         self._window = broadcast_window
         self._unavailable = unavailable
         self.channels = Channels(keys.prefix)
+        #: Push jobs, managed through the API (pushd/jobs/store.py).
+        self.jobs = JobStore(link, keys.prefix)
 
     def _check_deliverable(self) -> None:
         """Refuse what this node could not deliver now, before anything is written."""

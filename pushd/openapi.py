@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pushd import __version__, api, api_centrifugo, protocol
+from pushd.jobs import model as job_model
 
 Schema = dict[str, Any]
 
@@ -78,6 +79,46 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "Nodes": _object({"nodes": {"type": "array", "items": {"type": "object", "additionalProperties": True}}}),
     "Disconnected": _object({"disconnected": {"const": True}}),
+    "JobRequest": {
+        "type": "object", "additionalProperties": False, "required": ["gateway", "title"],
+        "description": "A push job (docs/jobs.md). Give audience, or recipients for a job of its own.",
+        "properties": {
+            "gateway": {"type": "string", "enum": list(job_model.GATEWAYS)},
+            "audience": {"type": "string", "description": "An audience imported with pushctl audience import."},
+            "recipients": {"type": "array", "minItems": 1, "maxItems": api.MAX_INLINE_RECIPIENTS,
+                           "items": {"oneOf": [{"type": "string"},
+                                               {"type": "object", "required": ["address"],
+                                                "additionalProperties": True}]},
+                           "description": "Addresses, or objects with an address and fields for templating."},
+            "title": {"type": "string", "description": "$field is replaced by the recipient's field."},
+            "body": {"type": "string"},
+            "data": {"type": "object", "additionalProperties": {"type": "string"}},
+            "batch": {"type": "integer", "minimum": 1, "maximum": job_model.MAX_BATCH, "default": 500},
+            "rate": {"type": ["string", "number"], "description": "Recipients per second across every worker: "
+                                                                  "N/s, N/min, N/h or a number."},
+            "test_to": {"type": "string", "description": "Send here first; the job waits for confirm."},
+            "start_at": {"type": ["string", "number"],
+                         "description": "ISO 8601 (UTC without a zone), unix seconds, or +N[s|m|h]."},
+            "key": {"type": "string", "maxLength": 200,
+                    "description": "Idempotency key: the same key within 24 hours answers the first job."},
+            "fallback": {"type": "string", "enum": list(job_model.FALLBACKS),
+                         "description": "pushd gateway only: where users with no live connection go."},
+            "ttl": {"type": "integer", "minimum": 0, "default": 86400},
+            "retries": {"type": "integer", "minimum": 0, "maximum": 50, "default": 5},
+        },
+    },
+    "JobCreated": _object({"id": {"type": "string"}, "state": {"type": "string"},
+                           "duplicate": {"type": "boolean", "description": "true: the key named an existing job."}}),
+    "JobReport": {"type": "object", "additionalProperties": True,
+                  "description": "state, spec, total, sent, failed, invalid, removed, remaining, retrying, retried, "
+                                 "redelivered, duplicates, cancelled, errors, sent_via, test, failures, created, "
+                                 "started, finished, duration (docs/jobs.md)."},
+    "Jobs": _object({"jobs": {"type": "array", "items": _schema("JobReport")}}),
+    "JobState": _object({"id": {"type": "string"}, "state": {"type": "string"}}),
+    "JobFailures": _object({
+        "failures": {"type": "array", "items": {"type": "object", "additionalProperties": True,
+                                                 "description": "address, outcome, reason, at"}},
+        "next": {"type": ["integer", "null"], "description": "start of the next page; null at the end."}}),
     "OpenApiDocument": {"type": "object", "description": "This document."},
     "CentrifugoParams": {"type": "object", "additionalProperties": True,
                          "description": "The method's params as Centrifugo's server API defines them (publish: "
@@ -103,6 +144,17 @@ PARAMETERS: dict[str, Schema] = {
     "method": {"name": "method", "in": "path", "required": True,
                "schema": {"type": "string", "enum": sorted(api_centrifugo.METHODS)},
                "description": "A method of Centrifugo's server API."},
+    "job": {"name": "job", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": f"A job id. {_ID_RULES}"},
+    "action": {"name": "action", "in": "path", "required": True,
+               "schema": {"type": "string", "enum": list(api.JOB_ACTIONS)},
+               "description": "confirm (after the test message), pause, resume or cancel."},
+    "limit": {"name": "limit", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+    "start": {"name": "start", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
+                                                                            "default": 0}},
+    "count": {"name": "count", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": api.MAX_FAILURES_PAGE, "default": 1000}},
     "code": {"name": "code", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": api.CLOSE_CODES.start, "maximum": api.CLOSE_CODES.stop - 1,
                         "default": api.DEFAULT_CLOSE_CODE},
@@ -129,11 +181,12 @@ RESPONSES: dict[str, Schema] = {
     "NotFound": _error("No such thing."),
     "PayloadTooLarge": _error("The body is over the server's max body size (by Content-Length or actual size)."),
     "UnsupportedMediaType": _error("The Content-Type is missing or is not application/json."),
+    "Conflict": _error("The job's state does not allow this action (e.g. resume a finished job)."),
     "Unavailable": _error("The cluster did not answer (Redis is down or slow); try again."),
 }
 
-_ERROR_RESPONSES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge",
-                    415: "UnsupportedMediaType", 503: "Unavailable"}
+_ERROR_RESPONSES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+                    413: "PayloadTooLarge", 415: "UnsupportedMediaType", 503: "Unavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +198,7 @@ class _Operation:
     query: tuple[str, ...] = ()
     not_found: bool = False
     backend: bool = True
+    conflict: bool = False
 
 
 OPERATIONS: dict[str, _Operation] = {
@@ -166,11 +220,20 @@ OPERATIONS: dict[str, _Operation] = {
                                  query=("code", "reason")),
     "centrifugo": _Operation({200: ("The method's result, or its refusal, as Centrifugo answers.",
                                     "CentrifugoReply")}, request="CentrifugoParams"),
+    "createJob": _Operation({201: ("Created.", "JobCreated"),
+                             200: ("The key named a job created within 24 hours: that job, nothing new.",
+                                   "JobCreated")}, request="JobRequest"),
+    "listJobs": _Operation({200: ("The newest jobs first.", "Jobs")}, query=("limit",)),
+    "job": _Operation({200: ("The job's report.", "JobReport")}, not_found=True),
+    "jobFailures": _Operation({200: ("A page of permanent failures.", "JobFailures")}, query=("start", "count"),
+                              not_found=True),
+    "jobAction": _Operation({200: ("The job's state after the action.", "JobState")}, not_found=True,
+                            conflict=True),
     "openapi": _Operation({200: ("This document.", "OpenApiDocument")}, backend=False),
 }
 
 DESCRIPTION = """\
-Publish to topics, send to users, broadcast, look at subscriptions and close connections over HTTP.
+Publish to topics, send to users, broadcast, look at subscriptions, close connections and run push jobs over HTTP.
 
 Every request but `GET /api/openapi.json` needs `Authorization: Bearer <key>` with one of the server's API keys;
 a server configured without keys asks for none (it should then listen on loopback only). Bodies are JSON and
@@ -205,6 +268,8 @@ def _operation(route: api.Route) -> Schema:
         operation["security"] = []
     if spec.not_found:
         errors.add(404)
+    if spec.conflict:
+        errors.add(409)
     if spec.backend:
         errors.add(503)
     for status in sorted(errors):

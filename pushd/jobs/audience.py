@@ -77,6 +77,11 @@ def _recipient(line: int, text: str, row: dict[str, Any], column: str) -> Recipi
     return Recipient(address, json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
+def recipient_of(number: int, row: dict[str, Any], column: str = "address") -> Recipient | Rejected:
+    """One recipient from an object (the API's inline recipients), checked as a file's row is."""
+    return _recipient(number, json.dumps(row, ensure_ascii=False)[:200], row, column)
+
+
 def read_ndjson(lines: Iterable[str], column: str | None = None) -> Iterator[Recipient | Rejected]:
     """One JSON object per line; blank lines are skipped."""
     for number, text in enumerate(lines, start=1):

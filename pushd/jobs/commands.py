@@ -7,17 +7,15 @@ is tested without a terminal; `watch` only polls and draws.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 from twisted.internet import defer, task
 
 from pushd.jobs import model
-from pushd.jobs.audience import Audiences, Recipient, Rejected
 from pushd.jobs.store import JobStore
 from pushd.redis.client import reply_text
 
@@ -26,29 +24,6 @@ WATCH_INTERVAL = 0.25
 RATE_WINDOW = 5.0
 #: A worker process whose record is older than this is not shown as live.
 WORKER_FRESH = 5.0
-
-
-@defer.inlineCallbacks
-def create(link: Any, prefix: str, fields: Mapping[str, Any], rows: Iterable[Recipient | Rejected] | None = None,
-           rejected: Callable[[Rejected], None] | None = None) -> Any:
-    """(job id, created, state). With `rows`, the recipients go into an audience of the job's own first."""
-    fields = dict(fields)
-    if rows is not None:
-        name = f"job-{os.urandom(8).hex()}"
-        fields["audience"] = name
-        fields["private"] = True
-        spec = model.parse_spec(fields)  # refuse a bad spec before importing anything
-        report = yield Audiences(link, prefix).load(name, rows, rejected or (lambda row: None))
-        if report.size == 0:
-            yield link.call("delete", f"{prefix}audience:{name}")
-            yield link.call("srem", f"{prefix}audiences", name)
-            raise model.JobError("recipients: no usable recipient in the file")
-    else:
-        spec = model.parse_spec(fields)
-    store = JobStore(link, prefix)
-    job_id, created = yield store.create(spec)
-    state = (yield store.raw(job_id))["state"]
-    return job_id, created, state
 
 
 @defer.inlineCallbacks

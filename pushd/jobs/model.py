@@ -148,13 +148,16 @@ def parse_data(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def parse_spec(fields: Mapping[str, Any], now: float | None = None) -> JobSpec:
-    """A JobSpec from API JSON or CLI options; raises JobError naming the first bad field."""
+def parse_spec(fields: Mapping[str, Any], now: float | None = None, *, own_audience: bool = False) -> JobSpec:
+    """A JobSpec from API JSON or CLI options; raises JobError naming the first bad field.
+
+    `own_audience`: the audience was made for this job (deleted when it ends); never something a caller says.
+    """
     known = {"gateway", "title", "body", "audience", "data", "batch", "rate", "test_to", "start_at", "key",
-             "fallback", "ttl", "retries", "private"}
+             "fallback", "ttl", "retries"}
     for name in fields:
         if name not in known:
-            raise JobError(f"{str(name)[:40]}: unknown field (expected {', '.join(sorted(known - {'private'}))})")
+            raise JobError(f"{str(name)[:40]}: unknown field (expected {', '.join(sorted(known))})")
     now = time.time() if now is None else now
     gateway = _text(fields, "gateway", required=True)
     if gateway not in GATEWAYS:
@@ -180,7 +183,7 @@ def parse_spec(fields: Mapping[str, Any], now: float | None = None) -> JobSpec:
         start_at=parse_start_at(start_at, now) if start_at not in (None, "", 0) else 0.0,
         ttl=_whole(fields, "ttl", DEFAULT_TTL, 0, 28 * 86400),
         retries=_whole(fields, "retries", DEFAULT_RETRIES, 0, 50),
-        private=bool(fields.get("private", False)),
+        private=own_audience,
     )
 
 

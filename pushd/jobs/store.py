@@ -6,15 +6,16 @@ The CLI, the HTTP API and the workers all go through `JobStore`, so a job looks 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 
 from pushd.jobs import model, scripts
-from pushd.jobs.audience import audience_key
+from pushd.jobs.audience import Audiences, Recipient, Rejected, audience_key
 from pushd.redis.client import reply_text
 
 #: Failures `show` returns inline; the rest are read with `failures()`.
@@ -84,6 +85,10 @@ class JobStore:
         self._link = link
         self.keys = JobKeys(prefix)
 
+    @property
+    def link(self) -> Any:
+        return self._link
+
     def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = self._link.call("eval", script, keys, [str(a) for a in args])
         return d
@@ -103,6 +108,26 @@ class JobStore:
         if created < 0:
             raise model.JobError(f"audience: no audience {spec.audience!r} (import it with pushctl audience import)")
         return first, bool(created)
+
+    @defer.inlineCallbacks
+    def submit(self, fields: Mapping[str, Any], rows: Iterable[Recipient | Rejected] | None = None,
+               rejected: Callable[[Rejected], None] | None = None) -> Any:
+        """(job id, created, state) for a job from API or CLI fields; with `rows`, the recipients go into an
+        audience of the job's own first (deleted when the job ends)."""
+        fields = dict(fields)
+        if rows is None:
+            spec = model.parse_spec(fields)
+        else:
+            name = f"job-{os.urandom(8).hex()}"
+            spec = model.parse_spec({**fields, "audience": name}, own_audience=True)  # before anything is written
+            report = yield Audiences(self._link, self.keys.prefix).load(name, rows, rejected or (lambda row: None))
+            if report.size == 0:
+                yield self._link.call("delete", self.keys.audience(name))
+                yield self._link.call("srem", f"{self.keys.prefix}audiences", name)
+                raise model.JobError("recipients: no usable recipient")
+        job_id, created = yield self.create(spec)
+        state = (yield self.raw(job_id))["state"]
+        return job_id, created, state
 
     @defer.inlineCallbacks
     def raw(self, job_id: str) -> Any:

@@ -20,7 +20,7 @@ def r(redis_server):
 
 
 def create(r, job_id="j1", audience="a", state="running", key="", private=False, **fields):
-    spec = model.parse_spec({"gateway": "webhook", "audience": audience, "title": "t", "private": private, **fields})
+    spec = model.parse_spec({"gateway": "webhook", "audience": audience, "title": "t", **fields}, own_audience=private)
     return r.eval(scripts.CREATE, 6, K.job(job_id), K.index, K.live, K.idempotency(key) if key else "",
                   K.queue(job_id), K.audience(audience), job_id, spec.to_json(), state, "100.000", "60",
                   "0" if private else "1")

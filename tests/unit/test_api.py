@@ -81,6 +81,32 @@ class FakeBackend:
     def disconnect_user(self, user, code, reason):
         return self._answer("disconnect_user", user, code, reason)
 
+    @property
+    def jobs(self):
+        return FakeJobs(self)
+
+
+class FakeJobs:
+    """The backend's JobStore, recorded like the rest."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self._backend = backend
+
+    def submit(self, fields, rows=None):
+        return self._backend._answer("submit_job", fields, None if rows is None else list(rows))
+
+    def list(self, limit):
+        return self._backend._answer("list_jobs", limit)
+
+    def show(self, job_id):
+        return self._backend._answer("show_job", job_id)
+
+    def transition(self, job_id, action):
+        return self._backend._answer("transition_job", job_id, action)
+
+    def failures(self, job_id, start, count):
+        return self._backend._answer("job_failures", job_id, start, count)
+
 
 def default_backend() -> FakeBackend:
     backend = FakeBackend()
@@ -94,6 +120,11 @@ def default_backend() -> FakeBackend:
         "nodes": [{"id": "n1", "connections": 10}],
         "disconnect_connection": True,
         "disconnect_user": 3,
+        "submit_job": ("j1", True, "running"),
+        "list_jobs": [],
+        "show_job": lambda job_id: {"id": job_id, "state": "running"},
+        "transition_job": lambda job_id, action: "paused",
+        "job_failures": lambda job_id, start, count: [],
     })
     return backend
 
@@ -126,9 +157,9 @@ class Api:
     """The real API resource behind an in-memory treq client."""
 
     def __init__(self, backend: FakeBackend | None = None, keys: tuple[str, ...] = (KEY, OTHER_KEY),
-                 cors: str = "") -> None:
+                 cors: str = "", max_body: int = MAX_BODY) -> None:
         self.backend = backend or default_backend()
-        self.site = api_site(self.backend, api_keys=keys, max_body=MAX_BODY, limits=LIMITS, max_batch=MAX_BATCH,
+        self.site = api_site(self.backend, api_keys=keys, max_body=max_body, limits=LIMITS, max_batch=MAX_BATCH,
                              cors=parse_policy(cors))
         self.client = StubTreq(self.site.resource)
 
@@ -588,6 +619,11 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "disconnectConnection": ("DELETE", "/api/connections/c", None),
     "disconnectUser": ("DELETE", "/api/users/u/connections", None),
     "centrifugo": ("POST", "/api/centrifugo/publish", {"channel": "t", "data": 1}),
+    "createJob": ("POST", "/api/jobs", {"gateway": "webhook", "audience": "a", "title": "t"}),
+    "listJobs": ("GET", "/api/jobs", None),
+    "job": ("GET", "/api/jobs/j1", None),
+    "jobFailures": ("GET", "/api/jobs/j1/failures", None),
+    "jobAction": ("POST", "/api/jobs/j1/pause", None),
 }
 
 
