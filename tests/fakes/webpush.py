@@ -29,7 +29,7 @@ import http_ece
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from py_vapid import jwt
+from py_vapid import Vapid, jwt
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource, server
 
@@ -195,6 +195,14 @@ class FakePushService(resource.Resource):
             and now < exp <= now + 86400
             and str(claims.get("sub", "")).startswith(("mailto:", "https:"))
         )
+
+
+def vapid_key_file(path: str) -> str:
+    """A fresh VAPID private key saved as PEM at `path` (the gateway's webpush-vapid-key), for tests."""
+    vapid = Vapid()
+    vapid.generate_keys()
+    vapid.save_key(path)
+    return path
 
 
 class FakeWebPushProcess:

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 
 from pushd.config import Config, ConfigError
 from pushd.gateways import base, webpush
-from tests.fakes.webpush import FakePushService
+from tests.fakes.webpush import FakePushService, vapid_key_file
 
 ORIGIN = "http://127.0.0.1:9999"
 
@@ -269,11 +269,7 @@ def test_a_refused_connection_is_a_connect_retry(h: Harness) -> None:
 
 
 def vapid_file(tmp_path: Path) -> str:
-    v = Vapid()
-    v.generate_keys()
-    path = str(tmp_path / "vapid.pem")
-    v.save_key(path)
-    return path
+    return vapid_key_file(str(tmp_path / "vapid.pem"))
 
 
 def test_build_reads_the_key_and_subject(tmp_path: Path) -> None:
