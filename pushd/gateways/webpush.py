@@ -212,8 +212,9 @@ class WebPushGateway:
         try:
             prepared = yield self._tasks.run(prepare, message, list(targets))
         except Exception:
+            # The pool stopping under us (worker shutdown) is worth a retry; prepare() itself raises for nothing.
             log.failure("webpush: preparing {count} pushes failed", count=len(targets))
-            return [base.Result(base.Outcome.FAILED, "encrypt")] * len(targets)
+            return [base.Result(base.Outcome.RETRY, "encrypt")] * len(targets)
         pending = [
             self._semaphore.run(self._post, item, message.ttl) if isinstance(item, Push) else defer.succeed(item)
             for item in prepared

@@ -301,6 +301,26 @@ def test_build_errors_name_the_setting(tmp_path: Path, key: str, subject: str, s
     assert not os.path.exists(tmp_path / "nope.pem")  # a missing key is an error, never a freshly generated one
 
 
+def test_build_trusts_a_readable_gateway_ca(tmp_path: Path) -> None:
+    from pushd.tls import ensure_localhost_certificate
+
+    _, cert = ensure_localhost_certificate(str(tmp_path / "certs"))
+    config = Config(
+        webpush_vapid_key=vapid_file(tmp_path), webpush_subject="https://example.com", gateway_ca=cert,
+    )
+    assert webpush.build(Clock(), config, InlineTasks()).name == "webpush"
+
+
+def test_a_failing_task_pool_is_a_retry(h: Harness) -> None:
+    class Stopped:
+        def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            return defer.fail(RuntimeError("pool stopped"))
+
+    gateway = webpush.WebPushGateway(h.clock, h.stub, h.signer, Stopped(), 4, 10)
+    d = gateway.send(MESSAGE, [target(h.fake.new_subscription())] * 2)
+    assert h.successResultOf(d) == [base.Result(base.Outcome.RETRY, "encrypt")] * 2
+
+
 def test_build_with_an_unreadable_gateway_ca(tmp_path: Path) -> None:
     config = Config(
         webpush_vapid_key=vapid_file(tmp_path), webpush_subject="mailto:ops@example.com",
