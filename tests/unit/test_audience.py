@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pushd.jobs.audience import AudienceError, Recipient, Rejected, check_name, guess_format, read_csv, read_ndjson
 
@@ -55,3 +58,15 @@ def test_names_and_formats():
         check_name("a b")
     assert (guess_format("x.ndjson"), guess_format("x.JSONL"), guess_format("x.csv"), guess_format("x")) == (
         "ndjson", "ndjson", "csv", "csv")
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=8), st.text(max_size=12)), max_size=5,
+                unique_by=lambda pair: pair[0]))
+def test_the_fast_fields_encoder_writes_what_json_dumps_writes(pairs):
+    from pushd.jobs.audience import _fields_encoder
+
+    ordered = sorted(pairs)
+    names, values = [n for n, _ in ordered], [v for _, v in ordered]
+    expected = json.dumps({n: v for n, v in ordered if v}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if names:
+        assert _fields_encoder(names)(values) == expected
