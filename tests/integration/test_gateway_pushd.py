@@ -31,3 +31,28 @@ def test_online_users_on_two_nodes_get_the_message_and_the_others_are_offline(tm
         assert [f["address"] for f in failures(r, job_id)] == ["carol"]
         # An offline user is a failure of this message, not a dead address: carol stays in the audience.
         assert r.hexists("pushd:audience:people", "carol")
+
+
+def test_offline_users_go_to_the_fallback_and_each_recipient_is_reached_once(tmp_path, redis_server):
+    from tests.fakes.webhook import FakeWebhookProcess
+
+    r = redis_server.client()
+    with FakeWebhookProcess("fallback-secret") as hook:
+        hook_args = ("--webhook-url", hook.url, "--webhook-secret", "fallback-secret")
+        with PushdProcess(tmp_path / "a", "--jwt-secret", SECRET, *hook_args, redis=redis_server.url,
+                          node_id="a") as node:
+            alice = node.client()
+            alice.request({"op": "auth", "token": token("alice"), "id": 1})
+            add_audience(r, "people", {
+                "alice": json.dumps({"phone": "+4711111111"}),   # online: not sent again through the fallback
+                "carol": json.dumps({"phone": "+4722222222"}),   # offline: through the webhook
+                "dave": "{}",                                    # offline, and nowhere to fall back to
+            })
+            job_id = create_job(r, gateway="pushd", fallback="webhook", audience="people", title="Hi")
+            report = finished(r, job_id)
+            assert alice.recv()["data"]["title"] == "Hi"
+            stats = hook.stats()
+    assert (report["sent"], report["failed"], report["total"]) == (2, 1, 3)
+    assert report["sent_via"] == {"online": 1, "webhook": 1}
+    assert report["errors"] == {"offline, no webhook address": 1}
+    assert (stats["recipients"], stats["unique"]) == (1, 1)
