@@ -74,3 +74,17 @@ def test_back_pressure_slows_the_job_and_dead_addresses_leave_the_audience(tmp_p
     assert report["removed"] == 100 and r.hlen("pushd:audience:people") == 900
     assert report["retrying"] == 0 and report["retried"] == 300   # held back and sent again, not failed
     assert refused == 0
+
+
+def test_the_rate_holds_across_two_worker_processes(tmp_path, redis_server):
+    r = redis_server.client()
+    audience(r, 600)
+    with FakeWebhookProcess(SECRET) as hook, \
+            worker(tmp_path, "w1", redis_server.url, hook, "--job-workers", "2"), \
+            worker(tmp_path, "w2", redis_server.url, hook, "--job-workers", "2"):
+        job_id = create_job(r, gateway="webhook", audience="people", title="t", batch=50, rate="200/s")
+        report = finished(r, job_id)
+    assert (report["sent"], report["total"]) == (600, 600)
+    # A bucket of one second's worth (200) is spent at once; the other 400 need 2 s at 200/s, whoever sends them.
+    # A lower bound only: a slow machine makes it longer, never shorter.
+    assert report["finished"] - report["started"] >= 1.9
