@@ -125,16 +125,31 @@ class Watch:
         self.finished: defer.Deferred[dict[str, Any]] = defer.Deferred()
         self._last_line = 0.0
         self._progress: Any = None
+        self._bars: Any = None
         self._bar: Any = None
+        self._detail: Any = None
 
     def start(self) -> defer.Deferred[dict[str, Any]]:
         if self.out.isatty():
-            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+            from rich.console import Group
+            from rich.live import Live
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
 
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), transient=False)
+            self._bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                                  MofNCompleteColumn(), TimeRemainingColumn())
+            self._bar = self._bars.add_task(self.job_id, total=None)
+            self._detail = Text("")
+            # The bar, then the counts on lines of their own (they do not fit beside a bar in 80 columns).
+            self._progress = Live(Group(self._bars, self._detail), refresh_per_second=4, transient=False)
             self._progress.start()
-            self._bar = self._progress.add_task(self.job_id, total=None, detail="")
         self._loop = task.LoopingCall(self._look)
         self._loop.clock = self.reactor
         self._loop.start(WATCH_INTERVAL).addErrback(self._failed)
@@ -160,8 +175,9 @@ class Watch:
             self.samples.popleft()
         line = watch_line(report, self.samples, len(workers))
         if self._progress is not None:
-            self._progress.update(self._bar, total=report["total"] if report["expanded"] else None,
-                                  completed=done_count(report), detail=line)
+            self._bars.update(self._bar, total=report["total"] if report["expanded"] else None,
+                              completed=done_count(report))
+            self._detail.plain = line.replace(" rate ", "\nrate ")
         elif now - self._last_line >= 1.0 or report["state"] in model.FINAL:
             self._last_line = now
             self.out.write(line + "\n")
