@@ -100,6 +100,7 @@ def watch_line(report: Mapping[str, Any], samples: Iterable[tuple[float, int]], 
             f"sent {report['sent']:,} failed {report['failed']:,} invalid {report['invalid']:,} "
             f"retrying {report['retrying']:,} remaining {_n(remaining) if remaining is not None else '?'} "
             f"rate {f'{per_second:,.0f}/s' if per_second is not None else '?'} eta {eta} workers {workers}"
+            + (f" (none has the {report['gateway']} gateway)" if workers == 0 and report["state"] == "running" else "")
             + (" errors " + " ".join(f"{k}={v:,}" for k, v in errors) if errors else ""))
 
 
@@ -168,7 +169,8 @@ class Watch:
     @defer.inlineCallbacks
     def _look(self) -> Any:
         report = yield self.store.show(self.job_id)
-        workers = yield live_workers(self.link, self.prefix)
+        workers = [w for w in (yield live_workers(self.link, self.prefix))
+                   if report["gateway"] in w.get("gateways", ())]
         now = self.reactor.seconds()
         self.samples.append((now, done_count(report)))
         while self.samples and self.samples[0][0] < now - RATE_WINDOW:

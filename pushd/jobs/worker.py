@@ -36,8 +36,10 @@ EXPAND_BATCHES = 4
 #: Retry backoff: first wait and longest wait, in seconds; each wait is jittered by +-50 %.
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
-#: A worker process's record in Redis lives this many ticks after its last update.
+#: A worker process's record counts as live this many ticks after its last update (pushctl job watch), and is
+#: deleted 12 times that long after; records are pruned every WORKER_PRUNE_TICKS ticks.
 WORKER_RECORD_TICKS = 5
+WORKER_PRUNE_TICKS = 30
 
 
 def backoff(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -181,6 +183,8 @@ class JobWorkers(Service):
         self._housekeeper = task.LoopingCall(self._housekeep)
         self._housekeeper.clock = reactor
         self._last_claim: dict[str, float] = {}
+        self._failing_since: float | None = None
+        self._ticks = 0
 
     # -- lifetime -------------------------------------------------------------------------------------------
 
@@ -228,8 +232,16 @@ class JobWorkers(Service):
     async def _housekeep(self) -> None:
         try:
             await self._look()
-        except Exception as e:  # Redis away: the next tick tries again
-            self.log.warn("job housekeeping: {error}", error=e)
+        except Exception as e:  # Redis away: the next tick tries again; one line when it starts, one when it ends
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                self.log.warn("job workers paused: Redis does not answer ({error}); trying every {tick:g} s",
+                              error=e, tick=self.tick)
+            return
+        if self._failing_since is not None:
+            self.log.info("job workers go on: Redis answers again after {seconds:.1f} s",
+                          seconds=time.monotonic() - self._failing_since)
+            self._failing_since = None
 
     async def _look(self) -> None:
         keys = self.store.keys
@@ -246,6 +258,9 @@ class JobWorkers(Service):
         record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "consumers": self.count,
                              "gateways": sorted(self.gateways), "seen": round(now, 3), "batches": self.batches})
         await self._link.call("hset", keys.prefix + "job-workers", self.process_id, record)
+        self._ticks += 1
+        if self._ticks % WORKER_PRUNE_TICKS == 1:
+            await self._prune_worker_records(now)
         for job in self.jobs.values():
             if job.state == model.TESTING and job.job_id not in self._testing:
                 self._testing.add(job.job_id)
@@ -264,6 +279,21 @@ class JobWorkers(Service):
         busy.discard(job_id)
         if isinstance(result, Failure):
             self.log.warn("job {job}: {error}", job=job_id, error=result.value)
+
+    async def _prune_worker_records(self, now: float) -> None:
+        """Forget the records of worker processes that stopped without saying so (kill -9, a lost machine)."""
+        key = self.store.keys.prefix + "job-workers"
+        records = await self._link.call("hgetall", key)
+        stale = []
+        for name, value in (records or {}).items():
+            try:
+                seen = float(json.loads(reply_text(value)).get("seen", 0))
+            except (ValueError, AttributeError):
+                seen = 0.0
+            if now - seen > WORKER_RECORD_TICKS * self.tick * 12:
+                stale.append(reply_text(name))
+        if stale:
+            await self._link.call("hdel", key, *stale)
 
     async def _lease(self, job_id: str, renew: bool = False) -> bool:
         ms = str(int(self.visibility * 1000))

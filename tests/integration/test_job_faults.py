@@ -88,3 +88,25 @@ def test_the_rate_holds_across_two_worker_processes(tmp_path, redis_server):
     # A bucket of one second's worth (200) is spent at once; the other 400 need 2 s at 200/s, whoever sends them.
     # A lower bound only: a slow machine makes it longer, never shorter.
     assert report["finished"] - report["started"] >= 1.9
+
+
+def test_a_job_goes_on_after_redis_stops_answering_for_a_while(tmp_path, redis_server):
+    r = redis_server.client()
+    audience(r, 3000)
+    with FakeWebhookProcess(SECRET, "--latency", "50") as hook, \
+            worker(tmp_path, "w", redis_server.url, hook, "--job-workers", "2", "--job-visibility-timeout", "3",
+                   "--redis-timeout", "1") as w:
+        job_id = create_job(r, gateway="webhook", audience="people", title="t", batch=100)
+        eventually(lambda: int(r.hget(f"pushd:job:{job_id}", "sent") or 0) >= 500)
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            w.wait_for("job workers paused: Redis does not answer", timeout=30)
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        w.wait_for("job workers go on: Redis answers again", timeout=30)
+        report = finished(r, job_id)
+        stats = hook.stats()
+    assert (report["state"], report["total"], report["sent"], report["failed"]) == ("done", 3000, 3000, 0)
+    assert stats["unique"] == 3000
+    # A batch sent while its result could not be recorded is sent again: at most one per consumer.
+    assert stats["duplicates"] <= 2 * 100
