@@ -74,6 +74,12 @@ class Tally:
     failures: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     hold: float = 0.0
+    #: The provider refused our credentials: the job is paused until someone fixes them and resumes it.
+    pause: bool = False
+
+
+#: The reason gateways give when the provider refuses pushd's own credentials (not the recipient's fault).
+AUTH = "auth"
 
 
 def tally(results: Sequence[Result], targets: Sequence[Target], attempt: int, retries: int, now: float,
@@ -92,7 +98,11 @@ def tally(results: Sequence[Result], targets: Sequence[Target], attempt: int, re
             continue
         reason = result.reason or outcome.value
         t.errors[reason] += 1
-        if outcome is Outcome.RETRY and result.retry_after is not None:
+        if outcome is Outcome.FAILED and reason == AUTH:
+            # Every other recipient would fail the same way: keep this one for after the fix, stop the job.
+            pushed_back.append(target)
+            t.pause = True
+        elif outcome is Outcome.RETRY and result.retry_after is not None:
             pushed_back.append(target)
             t.hold = max(t.hold, result.retry_after)
         elif outcome is Outcome.RETRY and attempt < retries:
@@ -422,6 +432,11 @@ class JobWorkers(Service):
                                   [int(t.hold * 1000)])
         await self._settle(job, entry_id, t, redelivered=len(targets) if redelivered else 0)
         self.batches += 1
+        if t.pause:
+            self.log.warn("job {job} paused: {gateway} refused pushd's credentials; fix the gateway's settings, "
+                          "then pushctl job resume {job}", job=job.job_id, gateway=job.spec.gateway)
+            job.state = model.PAUSED
+            await self.store.transition(job.job_id, "pause").addErrback(lambda _: None)
 
     async def _take(self, job: LiveJob, tokens: int) -> None:
         """Wait for the job's and the gateway's rate and for any hold the gateway asked for."""

@@ -7,7 +7,8 @@ import os
 import signal
 
 from tests.fakes.webhook import FakeWebhookProcess
-from tests.integration.jobs import JobWorkerProcess, add_audience, create_job, finished
+from pushd.jobs import scripts
+from tests.integration.jobs import JobWorkerProcess, add_audience, create_job, finished, job
 from tests.integration.pushd_process import eventually
 
 SECRET = "job-fault-tests"
@@ -110,3 +111,24 @@ def test_a_job_goes_on_after_redis_stops_answering_for_a_while(tmp_path, redis_s
     assert stats["unique"] == 3000
     # A batch sent while its result could not be recorded is sent again: at most one per consumer.
     assert stats["duplicates"] <= 2 * 100
+
+
+def test_refused_credentials_pause_the_job_until_the_settings_are_fixed(tmp_path, redis_server):
+    r = redis_server.client()
+    audience(r, 500)
+    with FakeWebhookProcess(SECRET) as hook:
+        job_id = create_job(r, gateway="webhook", audience="people", title="t", batch=100)
+        wrong = JobWorkerProcess(tmp_path / "wrong", "--webhook-url", hook.url, "--webhook-secret", "not-the-secret",
+                                 redis=redis_server.url).start()
+        wrong.wait_for(f"job {job_id} paused: webhook refused pushd's credentials", timeout=30)
+        wrong.stop()
+        paused = job(r, job_id)
+        assert (paused["state"], paused["failed"], paused["sent"]) == ("paused", 0, 0)
+        with worker(tmp_path, "right", redis_server.url, hook, "--job-workers", "2"):
+            assert job(r, job_id)["state"] == "paused"
+            r.eval(scripts.TRANSITION, 5, f"pushd:job:{job_id}", "pushd:jobs:live", f"pushd:job:{job_id}:queue",
+                   f"pushd:job:{job_id}:delayed", "pushd:audience:people", "resume", "0", "running", "{}", "0")
+            report = finished(r, job_id)
+        stats = hook.stats()
+    assert (report["state"], report["sent"], report["failed"]) == ("done", 500, 0)
+    assert stats["unique"] == 500 and stats["refused"] >= 1

@@ -142,3 +142,11 @@ def test_retry_after_seconds_and_dates():
     assert parse_retry_after("soon", default=3) == 3
     assert parse_retry_after("999999") == 3600
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
+
+
+def test_refused_credentials_pause_the_job_and_keep_the_recipients():
+    results = [Result(Outcome.FAILED, "auth"), Result(Outcome.SENT)]
+    t = tally(results, targets(2), attempt=2, retries=5, now=10.0)
+    assert t.pause and (t.failed, t.sent, t.retrying) == (0, 1, 1)
+    (due, member), = t.delayed
+    assert due == 10.0 and member.startswith("2 1 ")   # the same attempt, due at once: sent after the resume
