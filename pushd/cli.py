@@ -427,7 +427,7 @@ def worker(reactor: Any, options: WorkerOptions) -> defer.Deferred[None]:
         config = build_config(options.given(), options["config"])
         if config.job_workers == 0:
             raise CommandError("job-workers: 0 here would run nothing; a worker process needs at least 1")
-        target = find_redis(config, os.path.join(runtime_dir(options["pidfile"]), "pushd.runtime.json"))
+        config = find_redis(config, os.path.join(runtime_dir(options["pidfile"]), "pushd.runtime.json"))
     except ConfigError as e:
         raise CommandError(str(e)) from None
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -435,7 +435,8 @@ def worker(reactor: Any, options: WorkerOptions) -> defer.Deferred[None]:
     # The log as twistd -n writes it: to stdout, one line per event.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],  # type: ignore[list-item]
                                      redirectStandardIO=False)
-    process = WorkerProcess(reactor, config, target, stop_reactor=False)
+    assert config.redis is not None
+    process = WorkerProcess(reactor, config, config.redis, stop_reactor=False)
     stopped: defer.Deferred[None] = defer.Deferred()
     def finish(_: object) -> None:
         if not stopped.called:

@@ -7,6 +7,7 @@ traffic (`--job-workers 0` on the nodes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -38,15 +39,16 @@ def job_workers(reactor: Any, config: Config, tasks: TaskRunner, link: RedisLink
                       visibility=config.job_visibility_timeout, gateway_rates=config.gateway_rates)
 
 
-def find_redis(config: Config, runtime_file: str) -> RedisTarget:
-    """The Redis of the config, else of the node running here (its runtime file)."""
+def find_redis(config: Config, runtime_file: str) -> Config:
+    """The config with its Redis, else with the Redis and key prefix of the node running here (its runtime file)."""
     if config.redis is not None:
-        return config.redis
+        return config
     try:
         with open(runtime_file, encoding="utf-8") as f:
             info = json.load(f)
         os.kill(int(info["pid"]), 0)
-        return parse_redis_url(info["redis"])
+        return dataclasses.replace(config, redis=parse_redis_url(info["redis"]),
+                                   key_prefix=info.get("key_prefix", config.key_prefix))
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"redis: not given, and no pushd node is running here (no live {runtime_file}); "
                           "give --redis URL, the Redis the nodes use") from None
@@ -99,7 +101,7 @@ class WorkerProcess(MultiService):
         else:
             self.log.failure("unexpected start-up failure", failure)
             message = f"start-up failed: {failure.getErrorMessage()}"
-        self.log.critical("pushd-worker: {message}", message=message)
+        self.log.critical("pushd worker: {message}", message=message)
         self.ready.errback(failure)
         self.ready.addErrback(lambda _: None)
         if self._stop_reactor:
@@ -126,8 +128,9 @@ def make_worker(options: Options, runtime_file: str, parent: Any = None) -> Work
         config = build_config(options.given(), options["config"])
         if config.job_workers == 0:
             raise ConfigError("job-workers: 0 here would run nothing; a worker process needs at least 1")
-        target = find_redis(config, runtime_file)
+        config = find_redis(config, runtime_file)
     except ConfigError as e:
         sys.stderr.write(f"pushd-worker: {e}\n")
         raise SystemExit(1) from None
-    return WorkerProcess(reactor, config, target, StartupReport(parent))
+    assert config.redis is not None
+    return WorkerProcess(reactor, config, config.redis, StartupReport(parent))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.fakes.webhook import FakeWebhookProcess
 from pushd.jobs import scripts
+from tests.fakes.webhook import FakeWebhookProcess
 from tests.integration.jobs import JobWorkerProcess, add_audience, create_job, finished, job
 from tests.integration.pushd_process import eventually
 

@@ -35,7 +35,7 @@ def test_a_worker_process_runs_a_job_to_the_end_and_stops_on_sigterm(tmp_path, r
 def test_a_worker_without_redis_or_workers_refuses_to_start_with_one_line(tmp_path):
     status = run_worker(tmp_path, "--redis", "redis://127.0.0.1:1")
     assert status.returncode == 1
-    assert "pushd-worker: redis: cannot reach redis://127.0.0.1:1" in status.stdout, status.stdout
+    assert "pushd worker: redis: cannot reach redis://127.0.0.1:1" in status.stdout, status.stdout
     status = run_worker(tmp_path)
     assert status.returncode == 1
     assert status.stderr.strip().splitlines()[-1].startswith("pushd-worker: redis: not given, and no pushd node")
