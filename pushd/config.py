@@ -224,6 +224,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Push-job workers this process runs (docs/jobs.md); 0 makes a pure WebSocket node."),
     Setting("job-visibility-timeout", "30", _integer(2, 3600),
             "Seconds a batch held by a worker that stopped answering waits before another worker takes it over."),
+    Setting("job-yield-lag", "10", _integer(0, 1000),
+            "On a node: milliseconds its reactor may run late before the job workers take no new batch, so the "
+            "live traffic goes first (docs/jobs.md); 0 turns it off."),
     Setting("gateway-rates", "", _rates,
             "Most recipients per second per gateway, across every worker: NAME=N/s ... (e.g. fcm=5000/s)."),
     Setting("gateway-concurrency", "64", _integer(1, 1000),
@@ -300,6 +303,7 @@ class Config:
     replay_limit: int = 300
     job_workers: int = 2
     job_visibility_timeout: int = 30
+    job_yield_lag: int = 10
     gateway_rates: Mapping[str, float] = field(default_factory=dict)
     gateway_concurrency: int = 64
     gateway_timeout: int = 10

@@ -238,7 +238,7 @@ class PushdService(MultiService):
                           else "no api-key configured: loopback only, no key asked for")
         if config.job_workers:
             try:
-                self.job_workers = job_workers(self.reactor, config, self.tasks, self.redis)
+                self.job_workers = job_workers(self.reactor, config, self.tasks, self.redis, on_node=True)
             except ConfigError as e:
                 raise StartupError(str(e)) from None
             self.job_workers.startService()

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from pushd.config import Config, ConfigError, Options, build_config
 from pushd.daemon import StartupReport
 from pushd.gateways.configured import build_gateways
+from pushd.jobs.lag import ReactorLag
 from pushd.jobs.store import JobStore
 from pushd.jobs.worker import JobWorkers
 from pushd.redis.client import RedisLink
@@ -27,8 +28,10 @@ from pushd.redis.target import RedisTarget, parse_redis_url
 from pushd.tasks import TaskPool, TaskRunner
 
 
-def job_workers(reactor: Any, config: Config, tasks: TaskRunner, link: RedisLink) -> JobWorkers:
-    """This process's job workers and the gateways they send through; ConfigError for a bad gateway setting."""
+def job_workers(reactor: Any, config: Config, tasks: TaskRunner, link: RedisLink, on_node: bool = False) -> JobWorkers:
+    """This process's job workers and the gateways they send through; ConfigError for a bad gateway setting.
+
+    `on_node`: they share the reactor with live connections and give way to them (`job-yield-lag`)."""
     target = link.target
 
     def blocking_link() -> RedisLink:
@@ -36,7 +39,9 @@ def job_workers(reactor: Any, config: Config, tasks: TaskRunner, link: RedisLink
 
     gateways = build_gateways(reactor, config, tasks, link, blocking_link)
     return JobWorkers(reactor, JobStore(link, config.key_prefix), link, blocking_link, gateways, config.job_workers,
-                      visibility=config.job_visibility_timeout, gateway_rates=config.gateway_rates)
+                      visibility=config.job_visibility_timeout, gateway_rates=config.gateway_rates,
+                      gate=ReactorLag(reactor, config.job_yield_lag / 1000) if on_node and config.job_yield_lag
+                      else None)
 
 
 def find_redis(config: Config, runtime_file: str) -> Config:

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from pushd.gateways.base import Gateway, Message, Outcome, Result, Target, idempotency_key
 from pushd.jobs import model, scripts
+from pushd.jobs.lag import ReactorLag
 from pushd.jobs.store import JobStore
 from pushd.redis.client import reply_text
 
@@ -171,7 +172,9 @@ class JobWorkers(Service):
 
     def __init__(self, reactor: Any, store: JobStore, command_link: Any, blocking_link: Callable[[], Any],
                  gateways: Mapping[str, Gateway], count: int, *, visibility: float = 30.0, tick: float = 1.0,
-                 gateway_rates: Mapping[str, float] | None = None, name: str = "") -> None:
+                 gateway_rates: Mapping[str, float] | None = None, name: str = "",
+                 gate: ReactorLag | None = None) -> None:
+        """`gate`: on a node, what keeps batches off the reactor while the live traffic needs it (jobs/lag.py)."""
         self.reactor = reactor
         self.store = store
         self._link = command_link
@@ -195,11 +198,14 @@ class JobWorkers(Service):
         self._last_claim: dict[str, float] = {}
         self._failing_since: float | None = None
         self._ticks = 0
+        self.gate = gate
 
     # -- lifetime -------------------------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        if self.gate is not None:
+            self.gate.start()
         self._housekeeper.start(self.tick, now=True).addErrback(
             lambda f: self.log.failure("job housekeeping stopped", f))
         for n in range(self.count):
@@ -213,6 +219,8 @@ class JobWorkers(Service):
         if self._housekeeper.running:
             self._housekeeper.stop()
         self._wake()
+        if self.gate is not None:
+            self.gate.stop()
         # Each consumer finishes the batch in its hands (SIGTERM); one blocked in XREADGROUP returns within
         # BLOCK_MS, and the batch it may then read stays pending for another worker to claim.
         await defer.DeferredList(self._loops)
@@ -362,6 +370,10 @@ class JobWorkers(Service):
             if not jobs:
                 await self._until_changed()
                 continue
+            if self.gate is not None:
+                await self.gate.clear()
+                if self._stopping:
+                    break
             try:
                 work = await self._claim(consumer, link, jobs)
                 if not work:
