@@ -238,7 +238,8 @@ class Run:
 
 
 def alongside(args: argparse.Namespace) -> int:
-    """For bench/run.py --alongside: keep a job running on the scenario's node until stopped."""
+    """For bench/run.py --alongside: keep a job running on the scenario's node (or on a worker process of its own,
+    with --worker-arg) until stopped."""
     import redis as redis_py
 
     from pushd.jobs import model
@@ -249,41 +250,58 @@ def alongside(args: argparse.Namespace) -> int:
     csv = workdir / "recipients.csv"
     write_csv(csv, args.recipients)
     timed([*PUSHCTL, "audience", "import", "--redis", redis, "bench", str(csv)])
+    worker = None
+    if args.worker_arg:
+        worker = Proc("worker", [*PUSHCTL, "worker", "--redis", redis, *args.worker_arg], cwd=workdir, env=env())
+        worker.wait_line(re.compile(r"pushd worker ready"), 60)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     jobs = 0
-    while not stopping.is_set():
-        _, _, out = timed([*PUSHCTL, "job", "create", "--redis", redis, "--audience", "bench", "--gateway", "webhook",
-                           "--title", "t", "--batch", str(args.batch), "--json"])
-        job_id = json.loads(out)["id"]
-        jobs += 1
+    try:
         while not stopping.is_set():
-            state = r.hget(f"pushd:job:{job_id}", "state")
-            if state == model.RUNNING and jobs == 1:
-                print("alongside ready", flush=True)
-            if state in model.FINAL:
-                break
-            stopping.wait(0.2)
+            _, _, out = timed([*PUSHCTL, "job", "create", "--redis", redis, "--audience", "bench", "--gateway",
+                               "webhook", "--title", "t", "--batch", str(args.batch), "--json"])
+            job_id = json.loads(out)["id"]
+            jobs += 1
+            while not stopping.is_set():
+                state = r.hget(f"pushd:job:{job_id}", "state")
+                if state == model.RUNNING and jobs == 1:
+                    print("alongside ready", flush=True)
+                if state in model.FINAL:
+                    break
+                stopping.wait(0.2)
+    finally:
+        if worker is not None:
+            worker.stop()
     sent = sum(int(r.hget(f"pushd:job:{j}", "sent") or 0) for j in r.zrange("pushd:jobs", 0, -1))
     print(f"alongside: {jobs} jobs, {sent} recipients sent", flush=True)
     return 0
 
 
 def core_latency(args: argparse.Namespace) -> dict[str, Any]:
-    """bench/run.py's latency scenario without, then with, a push job running on the node it measures."""
+    """bench/run.py's latency scenario alone, with push jobs on the node it measures, and with the same jobs on a
+    worker process beside a `--job-workers 0` node."""
     workdir = Path(tempfile.mkdtemp(prefix="pushd-jobs-"))
     fake = Fake("webhook", workdir, args.latency)
-    results = {}
+    jobs = f"{sys.executable} {BENCH / 'jobs.py'} --alongside --recipients {args.recipients} --batch {args.batch}"
+    worker_args = " ".join(f"--worker-arg={a}" for a in ["--job-workers=2", *fake.settings()])
+    variants = {
+        "without a job": [],
+        "with a job on the node": ["--alongside", jobs],
+        "with a job on a worker process": ["--pushd-arg=--job-workers=0", "--alongside", f"{jobs} {worker_args}"],
+    }
+    results: dict[str, Any] = {}
     try:
-        for label, extra in (("without a job", []), ("with a job", [
-                "--alongside", (f"{sys.executable} {BENCH / 'jobs.py'} --alongside --recipients {args.recipients} "
-                                f"--batch {args.batch}")])):
+        for label, extra in variants.items():
+            if args.variants and label not in args.variants.split(","):
+                continue
+            before = fake.stats()["recipients"]
             argv = [sys.executable, str(BENCH / "run.py"), "--only", args.scenario, "--no-save",
                     *[f"--pushd-arg={a}" for a in fake.settings()], *extra]
             out = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=1800, check=False)
             print(out.stdout[-1500:], flush=True)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith(args.scenario)), "")
-            results[label] = line
+            results[label] = {"result": line, "job_recipients_sent": fake.stats()["recipients"] - before}
         results["fake"] = fake.stats()
     finally:
         fake.stop()
@@ -303,7 +321,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds a job may take before the run fails")
     p.add_argument("--core-latency", action="store_true")
     p.add_argument("--scenario", default="latency-100x10000-250", help="--core-latency: the run.py scenario")
+    p.add_argument("--variants", default="", help="--core-latency: only these variants, comma-separated")
     p.add_argument("--alongside", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-arg", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
