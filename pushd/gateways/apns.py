@@ -18,9 +18,14 @@ Replies (Apple's "Handling notification responses from APNs"), as the target's R
     403 any other reason                         FAILED auth (the worker pauses the job)
     404 BadPath, 405 MethodNotAllowed            FAILED <reason>
     413 PayloadTooLarge                          FAILED too-large
-    429 TooManyRequests, ...                     RETRY <reason>, retry_after 5 s (APNs sends no Retry-After)
+    429 TooManyRequests (one device, too often)  RETRY <reason>, that target with backoff
+    429 TooManyProviderTokenUpdates              RETRY <reason>, the gateway held 5 s (APNs sends no Retry-After)
     500, 503, other 5xx                          RETRY <reason>
     a timeout, a refused or broken connection    RETRY timeout / connect / connection
+
+A batch of 10 or more whose every target is BadDeviceToken or DeviceTokenNotForTopic is the gateway's settings
+(a sandbox/production mix-up in apns-url, a wrong apns-topic), not dead tokens: every target is FAILED
+misconfigured, which pauses the job and removes nothing from the audience.
 
 Checked before sending, without a request: a payload over 4096 bytes is FAILED too-large, and an address that
 is not hexadecimal is INVALID BadDeviceToken (Apple hands out tokens as bytes that providers store hex-encoded,
@@ -65,6 +70,8 @@ MAX_PAYLOAD = 4096
 TOKEN_RENEW_AFTER = 40 * 60
 #: APNs answers 429 without Retry-After; this long the gateway holds off before the same targets go again.
 TOO_MANY_REQUESTS_WAIT = 5.0
+#: A batch of at least this many targets that all come back BadDeviceToken / DeviceTokenNotForTopic pauses the job.
+MISCONFIGURED_AT = 10
 #: apns-collapse-id may have at most 64 bytes.
 MAX_COLLAPSE_ID = 64
 #: Seconds an idle connection is kept: Apple asks providers to keep connections open across notifications
@@ -141,11 +148,27 @@ def classify(status: int, reason: str) -> base.Result:
         return base.Result(base.Outcome.FAILED, "auth")
     if status == 413:
         return base.Result(base.Outcome.FAILED, "too-large")
-    if status == 429:
+    if status == 429 and reason == "TooManyProviderTokenUpdates":
         return base.Result(base.Outcome.RETRY, named, retry_after=TOO_MANY_REQUESTS_WAIT)
+    if status == 429:
+        # TooManyRequests is about one device token: that target backs off, the rest of the job goes on.
+        return base.Result(base.Outcome.RETRY, named)
     if status >= 500:
         return base.Result(base.Outcome.RETRY, named)
     return base.Result(base.Outcome.FAILED, named)
+
+
+def misconfigured(results: list[base.Result]) -> list[base.Result]:
+    """A whole batch of dead-token answers is the gateway's settings, not the audience: pause the job, remove nothing.
+
+    Sandbox tokens sent to the production apns-url (or the reverse) are all BadDeviceToken, and a wrong apns-topic
+    makes them all DeviceTokenNotForTopic; taken as dead, they would empty the audience. Real dead tokens come
+    scattered (and mostly as 410 Unregistered).
+    """
+    if len(results) >= MISCONFIGURED_AT and all(
+            r.outcome is base.Outcome.INVALID and r.reason in _DEAD_TOKEN for r in results):
+        return [base.Result(base.Outcome.FAILED, base.MISCONFIGURED)] * len(results)
+    return results
 
 
 def transport_failure(exc: httpx.HTTPError) -> base.Result:
@@ -259,7 +282,7 @@ class ApnsGateway:
             d.addErrback(self._share_failed, len(share))
             pending.append(d)
         gathered: defer.Deferred[list[list[base.Result]]] = defer.gatherResults(pending)
-        return gathered.addCallback(lambda parts: [result for part in parts for result in part])
+        return gathered.addCallback(lambda parts: misconfigured([result for part in parts for result in part]))
 
     @staticmethod
     def _share_failed(failure: Any, count: int) -> list[base.Result]:

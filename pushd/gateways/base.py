@@ -44,6 +44,12 @@ class Result:
 
 
 SENT = Result(Outcome.SENT)
+#: FAILED reasons that are the gateway's fault, not the recipient's: the worker pauses the job and keeps the
+#: recipients for after the fix. AUTH: the provider refused pushd's credentials. MISCONFIGURED: the answers
+#: show a setting is wrong (every token of a batch refused for the wrong environment or topic).
+AUTH = "auth"
+MISCONFIGURED = "misconfigured"
+PAUSING = frozenset({AUTH, MISCONFIGURED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushd.gateways.base import Gateway, Message, Outcome, Result, Target, idempotency_key
+from pushd.gateways.base import AUTH, PAUSING, Gateway, Message, Outcome, Result, Target, idempotency_key
 from pushd.jobs import model, scripts
 from pushd.jobs.lag import ReactorLag
 from pushd.jobs.store import JobStore
@@ -75,12 +75,8 @@ class Tally:
     failures: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     hold: float = 0.0
-    #: The provider refused our credentials: the job is paused until someone fixes them and resumes it.
-    pause: bool = False
-
-
-#: The reason gateways give when the provider refuses pushd's own credentials (not the recipient's fault).
-AUTH = "auth"
+    #: The gateway's own fault (base.PAUSING): the job is paused until someone fixes its settings and resumes it.
+    pause: str = ""
 
 
 def tally(results: Sequence[Result], targets: Sequence[Target], attempt: int, retries: int, now: float,
@@ -99,10 +95,10 @@ def tally(results: Sequence[Result], targets: Sequence[Target], attempt: int, re
             continue
         reason = result.reason or outcome.value
         t.errors[reason] += 1
-        if outcome is Outcome.FAILED and reason == AUTH:
+        if outcome is Outcome.FAILED and reason in PAUSING:
             # Every other recipient would fail the same way: keep this one for after the fix, stop the job.
             pushed_back.append(target)
-            t.pause = True
+            t.pause = reason
         elif outcome is Outcome.RETRY and result.retry_after is not None:
             pushed_back.append(target)
             t.hold = max(t.hold, result.retry_after)
@@ -445,8 +441,9 @@ class JobWorkers(Service):
         await self._settle(job, entry_id, t, redelivered=len(targets) if redelivered else 0)
         self.batches += 1
         if t.pause:
-            self.log.warn("job {job} paused: {gateway} refused pushd's credentials; fix the gateway's settings, "
-                          "then pushctl job resume {job}", job=job.job_id, gateway=job.spec.gateway)
+            why = "refused pushd's credentials" if t.pause == AUTH else "answers show a wrong setting"
+            self.log.warn("job {job} paused: {gateway} {why} ({reason}); fix the gateway's settings, then pushctl "
+                          "job resume {job}", job=job.job_id, gateway=job.spec.gateway, why=why, reason=t.pause)
             job.state = model.PAUSED
             await self.store.transition(job.job_id, "pause").addErrback(lambda _: None)
 

@@ -96,8 +96,10 @@ class FakeApns:
     httpx.MockTransport both ask `answer()`."""
 
     def __init__(self, credentials: Credentials, seconds: Callable[[], float] = time.time, *, busy_first: int = 0,
-                 fail_first: int = 0) -> None:
+                 fail_first: int = 0, other_environment: bool = False) -> None:
+        """`other_environment`: every token was issued by the other APNs environment (sandbox vs production)."""
         self.credentials = credentials
+        self.other_environment = other_environment
         self.public_key = credentials.public_key()
         self.seconds = seconds
         self.busy_first = busy_first
@@ -154,7 +156,7 @@ class FakeApns:
         refused = self._header_refusal(headers)
         if refused:
             return error(400, refused)
-        if not token or not _HEX.fullmatch(token):
+        if not token or not _HEX.fullmatch(token) or self.other_environment:
             return error(400, "BadDeviceToken")
         if not body:
             return error(400, "PayloadEmpty")
@@ -335,13 +337,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--busy-first", type=int, default=0, help="answer the first N requests 429")
     parser.add_argument("--fail-first", type=int, default=0, help="answer the next N requests 503")
     parser.add_argument("--latency", type=float, default=0.0, help="milliseconds before each reply")
+    parser.add_argument("--other-environment", action="store_true",
+                        help="answer BadDeviceToken to every token (a sandbox/production mix-up)")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
 
     credentials = new_credentials(args.dir, args.topic)
     key_path, cert_path = ensure_localhost_certificate(args.dir)
-    apns = FakeApns(credentials, busy_first=args.busy_first, fail_first=args.fail_first)
+    apns = FakeApns(credentials, busy_first=args.busy_first, fail_first=args.fail_first,
+                    other_environment=args.other_environment)
     site = server.Site(ApnsResource(apns, reactor, args.latency / 1000))
     description = (f"ssl:{args.port}:interface=127.0.0.1:privateKey={endpoints.quoteStringArgument(key_path)}"
                    f":certKey={endpoints.quoteStringArgument(cert_path)}")

@@ -4,10 +4,12 @@ request and counting every notification by apns-id."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from tests.fakes.apns import FakeApnsProcess
-from tests.integration.jobs import JobWorkerProcess, add_audience, create_job, finished
+from tests.integration.jobs import JobWorkerProcess, add_audience, create_job, finished, job
+from tests.integration.pushd_process import eventually
 
 
 def device_tokens(live: int, dead: int) -> tuple[list[str], list[str]]:
@@ -46,7 +48,7 @@ def test_every_live_token_gets_one_notification_over_http2_and_dead_ones_leave(t
     assert first["pushd_key"].startswith(job_id + "-")
 
 
-def test_too_many_requests_slows_the_job_and_everything_is_still_sent(tmp_path, redis_server):
+def test_devices_asked_too_often_back_off_and_everything_is_still_sent(tmp_path, redis_server):
     r = redis_server.client()
     live, _ = device_tokens(300, 0)
     add_audience(r, "iphones", {token: "{}" for token in live})
@@ -58,6 +60,21 @@ def test_too_many_requests_slows_the_job_and_everything_is_still_sent(tmp_path, 
     assert (report["state"], report["sent"], report["failed"], report["invalid"]) == ("done", 300, 0, 0)
     assert report["errors"] == {"TooManyRequests": 40}
     assert report["retried"] == 40
-    # Held back, then sent with the same apns-id: each token accepted exactly once.
+    # Backed off, then sent with the same apns-id: each token accepted exactly once.
     assert stats == {"requests": 340, "refused": 40, "recipients": 300, "unique": 300, "duplicates": 0,
                      "http2_requests": 340}
+
+
+def test_tokens_of_the_other_environment_pause_the_job_and_leave_the_audience_alone(tmp_path, redis_server):
+    r = redis_server.client()
+    live, _ = device_tokens(200, 0)
+    add_audience(r, "iphones", {token: "{}" for token in live})
+    with FakeApnsProcess(str(tmp_path / "apns"), "--other-environment") as apns, \
+            JobWorkerProcess(tmp_path, *apns.gateway_args(), redis=redis_server.url) as worker:
+        job_id = create_job(r, gateway="apns", audience="iphones", title="Sale", batch=100)
+        worker.wait_for(re.escape(f"job {job_id} paused: apns answers show a wrong setting (misconfigured)"),
+                        timeout=60)
+        report = eventually(lambda: job(r, job_id) if job(r, job_id)["state"] == "paused" else None)
+    assert (report["invalid"], report["failed"], report["sent"]) == (0, 0, 0)
+    assert report["errors"]["misconfigured"] >= 10
+    assert r.hlen("pushd:audience:iphones") == 200, "no token was taken for dead"

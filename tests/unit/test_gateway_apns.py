@@ -160,7 +160,7 @@ def test_device_tokens_are_hex(address: str, ok: bool) -> None:
     (404, "BadPath", base.Result(base.Outcome.FAILED, "BadPath")),
     (405, "MethodNotAllowed", base.Result(base.Outcome.FAILED, "MethodNotAllowed")),
     (413, "PayloadTooLarge", base.Result(base.Outcome.FAILED, "too-large")),
-    (429, "TooManyRequests", base.Result(base.Outcome.RETRY, "TooManyRequests", apns.TOO_MANY_REQUESTS_WAIT)),
+    (429, "TooManyRequests", base.Result(base.Outcome.RETRY, "TooManyRequests")),
     (429, "TooManyProviderTokenUpdates",
      base.Result(base.Outcome.RETRY, "TooManyProviderTokenUpdates", apns.TOO_MANY_REQUESTS_WAIT)),
     (500, "InternalServerError", base.Result(base.Outcome.RETRY, "InternalServerError")),
@@ -291,10 +291,22 @@ def test_a_token_signed_by_another_key_is_auth(tmp_path: Path) -> None:
     assert h.fake.replies[403, "InvalidProviderToken"] == 1
 
 
-def test_too_many_requests_is_a_retry_with_a_wait(h: Harness) -> None:
+def test_too_many_requests_to_one_device_is_that_targets_retry(h: Harness) -> None:
     h.fake.busy_first = 1
     assert h.send(MESSAGE, [target(device(1)), target(device(2))]) == [
-        base.Result(base.Outcome.RETRY, "TooManyRequests", retry_after=apns.TOO_MANY_REQUESTS_WAIT), base.SENT]
+        base.Result(base.Outcome.RETRY, "TooManyRequests"), base.SENT]
+
+
+def test_a_whole_batch_of_dead_token_answers_is_the_settings_not_the_audience() -> None:
+    dead = base.Result(base.Outcome.INVALID, "BadDeviceToken")
+    wrong_topic = base.Result(base.Outcome.INVALID, "DeviceTokenNotForTopic")
+    assert apns.misconfigured([dead] * 6 + [wrong_topic] * 4) == \
+        [base.Result(base.Outcome.FAILED, base.MISCONFIGURED)] * 10
+    scattered = [dead] * 9 + [base.SENT]
+    assert apns.misconfigured(scattered) == scattered
+    assert apns.misconfigured([dead] * 9) == [dead] * 9, "a short batch proves nothing"
+    gone = [base.Result(base.Outcome.INVALID, "Unregistered")] * 10
+    assert apns.misconfigured(gone) == gone
 
 
 def test_service_unavailable_is_a_plain_retry(h: Harness) -> None:

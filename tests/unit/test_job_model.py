@@ -147,6 +147,11 @@ def test_retry_after_seconds_and_dates():
 def test_refused_credentials_pause_the_job_and_keep_the_recipients():
     results = [Result(Outcome.FAILED, "auth"), Result(Outcome.SENT)]
     t = tally(results, targets(2), attempt=2, retries=5, now=10.0)
-    assert t.pause and (t.failed, t.sent, t.retrying) == (0, 1, 1)
+    assert t.pause == "auth" and (t.failed, t.sent, t.retrying) == (0, 1, 1)
     (due, member), = t.delayed
     assert due == 10.0 and member.startswith("2 1 ")   # the same attempt, due at once: sent after the resume
+
+
+def test_answers_that_show_a_wrong_setting_pause_the_job_too():
+    t = tally([Result(Outcome.FAILED, "misconfigured")] * 3, targets(3), attempt=0, retries=5, now=10.0)
+    assert t.pause == "misconfigured" and (t.failed, t.invalid, t.retrying, t.dead) == (0, 0, 3, [])
