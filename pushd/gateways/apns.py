@@ -70,8 +70,6 @@ MAX_PAYLOAD = 4096
 TOKEN_RENEW_AFTER = 40 * 60
 #: APNs answers 429 without Retry-After; this long the gateway holds off before the same targets go again.
 TOO_MANY_REQUESTS_WAIT = 5.0
-#: A batch of at least this many targets that all come back BadDeviceToken / DeviceTokenNotForTopic pauses the job.
-MISCONFIGURED_AT = 10
 #: apns-collapse-id may have at most 64 bytes.
 MAX_COLLAPSE_ID = 64
 #: Seconds an idle connection is kept: Apple asks providers to keep connections open across notifications
@@ -84,6 +82,8 @@ _DEVICE_TOKEN = re.compile(r"[0-9A-Fa-f]{1,200}")
 _APPLE_ID = re.compile(r"[A-Za-z0-9]{10}")
 _REASON = re.compile(r"[A-Za-z]{1,64}")
 _DEAD_TOKEN = ("BadDeviceToken", "DeviceTokenNotForTopic")
+#: What every token of a batch answers when apns-url is the other environment or apns-topic is wrong.
+WRONG_SETTINGS = frozenset(_DEAD_TOKEN)
 _EXPIRED_PROVIDER_TOKEN = "ExpiredProviderToken"
 
 
@@ -156,19 +156,6 @@ def classify(status: int, reason: str) -> base.Result:
     if status >= 500:
         return base.Result(base.Outcome.RETRY, named)
     return base.Result(base.Outcome.FAILED, named)
-
-
-def misconfigured(results: list[base.Result]) -> list[base.Result]:
-    """A whole batch of dead-token answers is the gateway's settings, not the audience: pause the job, remove nothing.
-
-    Sandbox tokens sent to the production apns-url (or the reverse) are all BadDeviceToken, and a wrong apns-topic
-    makes them all DeviceTokenNotForTopic; taken as dead, they would empty the audience. Real dead tokens come
-    scattered (and mostly as 410 Unregistered).
-    """
-    if len(results) >= MISCONFIGURED_AT and all(
-            r.outcome is base.Outcome.INVALID and r.reason in _DEAD_TOKEN for r in results):
-        return [base.Result(base.Outcome.FAILED, base.MISCONFIGURED)] * len(results)
-    return results
 
 
 def transport_failure(exc: httpx.HTTPError) -> base.Result:
@@ -282,7 +269,8 @@ class ApnsGateway:
             d.addErrback(self._share_failed, len(share))
             pending.append(d)
         gathered: defer.Deferred[list[list[base.Result]]] = defer.gatherResults(pending)
-        return gathered.addCallback(lambda parts: misconfigured([result for part in parts for result in part]))
+        return gathered.addCallback(
+            lambda parts: base.misconfigured([result for part in parts for result in part], WRONG_SETTINGS))
 
     @staticmethod
     def _share_failed(failure: Any, count: int) -> list[base.Result]:

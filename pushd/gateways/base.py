@@ -50,6 +50,21 @@ SENT = Result(Outcome.SENT)
 AUTH = "auth"
 MISCONFIGURED = "misconfigured"
 PAUSING = frozenset({AUTH, MISCONFIGURED})
+#: A batch this big whose every answer names one of a gateway's `wrong_settings` reasons is MISCONFIGURED.
+MISCONFIGURED_AT = 10
+
+
+def misconfigured(results: Sequence[Result], wrong_settings: frozenset[str]) -> Sequence[Result]:
+    """A whole batch of "not for this sender" answers is the gateway's settings, not the audience.
+
+    APNs sandbox tokens sent to production (or a wrong topic), FCM tokens of another Firebase project: every token
+    answers as if dead, and taken for dead they would empty the audience in one run. Real dead tokens come
+    scattered. So such a batch is MISCONFIGURED, which pauses the job and removes nothing.
+    """
+    if len(results) >= MISCONFIGURED_AT and all(
+            r.outcome is Outcome.INVALID and r.reason in wrong_settings for r in results):
+        return [Result(Outcome.FAILED, MISCONFIGURED)] * len(results)
+    return results
 
 
 @dataclass(frozen=True, slots=True)

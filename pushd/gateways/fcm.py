@@ -21,7 +21,8 @@ same); QUOTA_EXCEEDED (429) holds the gateway for Retry-After, 60 s without one 
 after an exceeded message rate); UNAVAILABLE (503) retries, holding for Retry-After when given; INTERNAL and other
 5xx retry; THIRD_PARTY_AUTH_ERROR (401: the project's APNs or web push credential) fails that target; any other
 401 is our access token refused: dropped, fetched again, the target sent once more, and `auth` if refused again;
-PERMISSION_DENIED (403) is `auth`; other 4xx `http-<status>` (a 404 without UNREGISTERED is a wrong fcm-url, not a
+PERMISSION_DENIED (403) is `auth`; a batch of 10 or more that is all SENDER_ID_MISMATCH is the credentials of
+another project, not dead tokens: `misconfigured`, which pauses the job (base.misconfigured); other 4xx `http-<status>` (a 404 without UNREGISTERED is a wrong fcm-url, not a
 dead token). The token endpoint refusing the account (400/401, e.g. invalid_grant) fails every target of the send
 `auth`, which pauses the job; its 5xx, timeouts and connection errors retry, as do the sends'.
 
@@ -64,6 +65,8 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 #: Google accepts assertions of at most one hour.
 ASSERTION_LIFETIME = 3600
 RENEW_BEFORE = 300
+#: What every token of a batch answers when fcm-credentials are another Firebase project's.
+WRONG_SETTINGS = frozenset({"SENDER_ID_MISMATCH"})
 #: FCM's limit for a message to a token: data keys and values, title and body.
 MAX_PAYLOAD = 4096
 #: FCM keeps a message for an offline Android device at most 4 weeks.
@@ -334,7 +337,7 @@ class FcmGateway:
         pending = [self._semaphore.run(self._post_now, item) if isinstance(item, bytes) else defer.succeed(item)
                    for item in prepared]
         results: list[base.Result] = await defer.gatherResults(pending)
-        return results
+        return base.misconfigured(results, WRONG_SETTINGS)
 
     async def _token_failure(self) -> base.Result | None:
         try:

@@ -300,13 +300,13 @@ def test_too_many_requests_to_one_device_is_that_targets_retry(h: Harness) -> No
 def test_a_whole_batch_of_dead_token_answers_is_the_settings_not_the_audience() -> None:
     dead = base.Result(base.Outcome.INVALID, "BadDeviceToken")
     wrong_topic = base.Result(base.Outcome.INVALID, "DeviceTokenNotForTopic")
-    assert apns.misconfigured([dead] * 6 + [wrong_topic] * 4) == \
+    assert base.misconfigured([dead] * 6 + [wrong_topic] * 4, apns.WRONG_SETTINGS) == \
         [base.Result(base.Outcome.FAILED, base.MISCONFIGURED)] * 10
     scattered = [dead] * 9 + [base.SENT]
-    assert apns.misconfigured(scattered) == scattered
-    assert apns.misconfigured([dead] * 9) == [dead] * 9, "a short batch proves nothing"
+    assert base.misconfigured(scattered, apns.WRONG_SETTINGS) == scattered
+    assert base.misconfigured([dead] * 9, apns.WRONG_SETTINGS) == [dead] * 9, "a short batch proves nothing"
     gone = [base.Result(base.Outcome.INVALID, "Unregistered")] * 10
-    assert apns.misconfigured(gone) == gone
+    assert base.misconfigured(gone, apns.WRONG_SETTINGS) == gone
 
 
 def test_service_unavailable_is_a_plain_retry(h: Harness) -> None:

@@ -264,6 +264,15 @@ def test_each_documented_error(h: Harness, status: int, error_status: str, code:
     assert h.fake.tokens_issued == 1, "only a refused access token is fetched again"
 
 
+def test_a_whole_batch_of_another_projects_tokens_pauses_instead_of_emptying_the_audience(h: Harness) -> None:
+    h.fake.fail(10, 403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH", "SenderId mismatch")
+    assert h.send(MESSAGE, [target(f"tok-{n}") for n in range(10)]) == \
+        [base.Result(base.Outcome.FAILED, base.MISCONFIGURED)] * 10
+    h.fake.fail(1, 403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH", "SenderId mismatch")
+    assert h.send(MESSAGE, [target(f"tok-{n}") for n in range(10)]) == \
+        [base.Result(base.Outcome.INVALID, "SENDER_ID_MISMATCH")] + [base.SENT] * 9
+
+
 def test_a_reply_that_is_not_googles_error_shape_is_classified_by_its_status(h: Harness) -> None:
     h.fake.fail_next = [(502, {}, {}), (418, {}, {"error": "teapot"})]
     assert h.send(MESSAGE, [target("tok-1")]) == [base.Result(base.Outcome.RETRY, "http-502")]
