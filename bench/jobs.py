@@ -288,6 +288,7 @@ def core_latency(args: argparse.Namespace) -> dict[str, Any]:
     variants = {
         "without a job": [],
         "with a job on the node": ["--alongside", jobs],
+        "with a job on the node without the yield gate": ["--pushd-arg=--job-yield-lag=0", "--alongside", jobs],
         "with a job on a worker process": ["--pushd-arg=--job-workers=0", "--alongside", f"{jobs} {worker_args}"],
     }
     results: dict[str, Any] = {}
