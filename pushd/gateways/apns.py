@@ -313,11 +313,7 @@ class ApnsGateway:
 
 def load_key(path: str) -> ec.EllipticCurvePrivateKey:
     """The token-signing key from its .p8 file, or a ConfigError naming apns-key."""
-    try:
-        with open(path, "rb") as f:
-            pem = f.read()
-    except OSError as exc:
-        raise ConfigError(f"apns-key: cannot read {path}: {exc.strerror}") from None
+    pem = base.read_setting_file("apns-key", path)
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple, Protocol
 
 from twisted.internet import defer
 
+from pushd.config import ConfigError
+
 
 class Outcome(enum.Enum):
     #: The provider took it.
@@ -154,3 +156,12 @@ def parse_retry_after(value: bytes | str | None, default: float = 1.0, limit: fl
         except (TypeError, ValueError):
             return default
     return min(max(seconds, 0.0), limit)
+
+
+def read_setting_file(setting: str, path: str) -> bytes:
+    """The bytes of the file a setting names, or a ConfigError naming the setting, the file and why."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None

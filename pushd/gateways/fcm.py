@@ -388,11 +388,7 @@ def _http_url(url: str) -> bool:
 
 def load_service_account(path: str) -> ServiceAccount:
     """The service account of the key file at `path`, or a ConfigError naming fcm-credentials and the fault."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigError(f"fcm-credentials: cannot read {path}: {exc.strerror}") from None
+    raw = base.read_setting_file("fcm-credentials", path)
     try:
         doc = json.loads(raw)
     except ValueError:

@@ -280,11 +280,7 @@ def load_vapid(path: str) -> Vapid:
     if not path:
         raise ConfigError("webpush-vapid-key: set the PEM file of the VAPID private key (EC P-256)")
     # Not Vapid.from_file: for a missing file it generates and saves a new key, which no browser subscribed with.
-    try:
-        with open(path, "rb") as f:
-            pem = f.read()
-    except OSError as exc:
-        raise ConfigError(f"webpush-vapid-key: cannot read {path}: {exc.strerror}") from None
+    pem = base.read_setting_file("webpush-vapid-key", path)
     try:
         vapid = Vapid.from_pem(pem)
     except Exception:

@@ -22,11 +22,8 @@ import json
 import os
 import re
 import secrets
-import select
 import ssl
 import string
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,16 +31,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import endpoints
-from twisted.web import resource, server
+from twisted.web import server
 
 from pushd.tls import ensure_localhost_certificate
-from tests.integration.pushd_process import stop_pid
+from tests.fakes.process import FakeProcess
+from tests.fakes.replies import DelayedReplies
 
 MAX_PAYLOAD = 4096
 #: APNs refuses provider tokens older than an hour.
@@ -229,16 +227,14 @@ class FakeApns:
         return ""
 
 
-class ApnsResource(resource.Resource):
+class ApnsResource(DelayedReplies):
     """FakeApns behind twisted.web: every path, every method; GET /stats and /received for the tests."""
 
     isLeaf = True
 
     def __init__(self, apns: FakeApns, clock: Any = None, latency: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(clock, latency)
         self.apns = apns
-        self.clock = clock
-        self.latency = latency
 
     def render(self, request: server.Request) -> bytes | int:
         if request.method == b"GET" and request.path in (b"/stats", b"/received"):
@@ -250,31 +246,21 @@ class ApnsResource(resource.Resource):
         status, reply_headers, body = self.apns.answer(request.method.decode("ascii", "replace"),
                                                        request.path.decode("ascii", "replace"), headers,
                                                        request.content.read(), request.clientproto == b"HTTP/2")
-
-        def respond() -> None:
-            if request.finished or request._disconnected:
-                return
-            request.setResponseCode(status)
-            for name, value in reply_headers.items():
-                request.setHeader(name.encode(), value.encode())
-            request.write(body)
-            request.finish()
-
-        if self.latency > 0 and self.clock is not None:
-            self.clock.callLater(self.latency, respond)
-        else:
-            respond()
-        return server.NOT_DONE_YET
+        return self.reply(request, status, {name.encode(): value.encode() for name, value in reply_headers.items()},
+                          body)
 
 
-class FakeApnsProcess:
+class FakeApnsProcess(FakeProcess):
     """`python -m tests.fakes.apns` as a child process, stopped by its PID; `info` is its JSON line."""
+
+    module = "tests.fakes.apns"
+    name = "APNs"
 
     def __init__(self, directory: str, *extra: str) -> None:
         self.directory = directory
         self.extra = list(extra)
-        self.proc: subprocess.Popen[str] | None = None
-        self.info: dict[str, Any] = {}
+        # Absolute: the fake runs from the repository root, the caller names the directory from where it is.
+        super().__init__("--dir", os.path.abspath(directory), *self.extra)
 
     @property
     def url(self) -> str:
@@ -285,18 +271,6 @@ class FakeApnsProcess:
         info = self.info
         return ["--apns-key", info["key"], "--apns-key-id", info["key_id"], "--apns-team-id", info["team_id"],
                 "--apns-topic", info["topic"], "--apns-url", info["url"], "--gateway-ca", info["ca"]]
-
-    def start(self, timeout: float = 30.0) -> Self:
-        cmd = [sys.executable, "-m", "tests.fakes.apns", "--dir", self.directory, "--port", "0", *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError("the fake APNs did not start")
-        self.info = json.loads(line)
-        return self
 
     def get(self, path: str) -> Any:
         """GET /stats or /received, over HTTP/1.1 (those two answer any protocol), trusting the fake's CA."""
@@ -316,17 +290,6 @@ class FakeApnsProcess:
                 return reply.status, ""
         except urllib.error.HTTPError as refusal:
             return refusal.code, json.load(refusal)["reason"]
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc.pid, timeout=10)
-            self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

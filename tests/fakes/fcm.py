@@ -21,20 +21,19 @@ import argparse
 import json
 import os
 import secrets
-import select
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.web import resource, server
+from twisted.web import server
+
+from tests.fakes.process import FakeProcess
+from tests.fakes.replies import DelayedReplies
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -65,7 +64,7 @@ def payload_size(message: dict[str, Any]) -> int:
         sum(len(str(notification.get(k, "")).encode()) for k in ("title", "body"))
 
 
-class FakeFcm(resource.Resource):
+class FakeFcm(DelayedReplies):
     """The whole service as one Resource: POST /token, POST /v1/projects/<id>/messages:send, GET /stats."""
 
     isLeaf = True
@@ -73,18 +72,16 @@ class FakeFcm(resource.Resource):
     def __init__(self, base_url: str, *, key: rsa.RSAPrivateKey | None = None, project_id: str = "pushd-test",
                  clock: Any = None, token_ttl: int = 3600, quota_first: int = 0, fail_first: int = 0,
                  refuse_credentials: bool = False, latency_ms: int = 0) -> None:
-        super().__init__()
+        super().__init__(clock, latency_ms / 1000)
         self.base_url = base_url
         self.key = key or new_key()
         self.public_key = self.key.public_key()
         self.project_id = project_id
         self.client_email = f"pushd@{project_id}.iam.gserviceaccount.com"
-        self.clock = clock
         self.token_ttl = token_ttl
         self.quota_first = quota_first
         self.fail_first = fail_first
         self.refuse_credentials = refuse_credentials
-        self.latency = latency_ms / 1000
         #: Access token -> when it expires: a send's check is a dict lookup, no crypto.
         self.tokens: dict[str, float] = {}
         #: Replies to give the next sends, before any check but the token's: (status, body, headers).
@@ -100,8 +97,6 @@ class FakeFcm(resource.Resource):
         self.token_requests = 0
         self.tokens_issued = 0
         self.errors: Counter[str] = Counter()
-        self.in_flight = 0
-        self.max_in_flight = 0
 
     @property
     def token_uri(self) -> str:
@@ -150,28 +145,8 @@ class FakeFcm(resource.Resource):
             status, headers, body = self._send(request)
             if status != 200:
                 self.errors[self._error_name(status, body)] += 1
-        reply = json.dumps(body).encode()
-        if self.latency <= 0 or self.clock is None:
-            return self._reply(request, status, headers, reply)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-        def later() -> None:
-            self.in_flight -= 1
-            if not request.finished and not request._disconnected:
-                request.write(self._reply(request, status, headers, reply))
-                request.finish()
-
-        self.clock.callLater(self.latency, later)
-        return server.NOT_DONE_YET
-
-    @staticmethod
-    def _reply(request: server.Request, status: int, headers: dict[bytes, bytes], body: bytes) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json; charset=UTF-8")
-        for name, value in headers.items():
-            request.setHeader(name, value)
-        return body
+        return self.reply(request, status, {b"content-type": b"application/json; charset=UTF-8", **headers},
+                          json.dumps(body).encode())
 
     @staticmethod
     def _error_name(status: int, body: dict[str, Any]) -> str:
@@ -266,28 +241,19 @@ class FakeFcm(resource.Resource):
         return 200, {}, {"name": f"projects/{self.project_id}/messages/{self.recipients}"}
 
 
-class FakeFcmProcess:
+class FakeFcmProcess(FakeProcess):
     """`python -m tests.fakes.fcm` as a child process (integration tests), stopped by its PID."""
 
+    module = "tests.fakes.fcm"
+    name = "FCM"
+
     def __init__(self, directory: str | Path, *args: str) -> None:
-        self.argv = [sys.executable, "-m", "tests.fakes.fcm", "--port", "0", "--dir", str(directory), *args]
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__("--dir", str(directory), *args)
         self.url = ""
         self.credentials = ""
 
-    def start(self, timeout: float = 30.0) -> Self:
-        root = Path(__file__).resolve().parents[2]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(self.argv, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError("the fake FCM did not start")
-        info = json.loads(line)
+    def read_info(self, info: dict[str, Any]) -> None:
         self.url, self.credentials = info["url"], info["credentials"]
-        return self
 
     def settings(self) -> list[str]:
         """The worker options that send through this fake."""
@@ -296,22 +262,6 @@ class FakeFcmProcess:
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/stats", timeout=10) as reply:
             return dict(json.load(reply))
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,17 +14,15 @@ import argparse
 import hashlib
 import hmac
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.web import resource, server
+
+from tests.fakes.process import FakeProcess
 
 #: Seconds a timestamp may be off, as a careful receiver would allow.
 REPLAY_WINDOW = 300
@@ -102,42 +100,29 @@ class Receiver(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class FakeWebhookProcess:
+class FakeWebhookProcess(FakeProcess):
     """The receiver as a process of its own (bench, integration tests); stopped by PID."""
+
+    module = "tests.fakes.webhook"
+    name = "webhook"
 
     def __init__(self, secret: str, *args: str) -> None:
         self.secret = secret
-        self.argv = [sys.executable, "-m", "tests.fakes.webhook", "--port", "0", "--secret", secret, *args]
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__("--secret", secret, *args)
         self.url = ""
 
-    def start(self) -> Self:
-        root = Path(__file__).resolve().parents[2]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(self.argv, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fake webhook exited with {self.proc.wait()}")
-        self.url = json.loads(line)["url"]
-        return self
+    def read_info(self, info: dict[str, Any]) -> None:
+        self.url = info["url"]
+
+    def start_failure(self) -> str:
+        assert self.proc is not None
+        return f"the fake webhook exited with {self.proc.returncode}"
 
     def stats(self) -> dict[str, int]:
         import urllib.request
 
         with urllib.request.urlopen(re.sub(r"/hook$", "/stats", self.url), timeout=10) as reply:
             return dict(json.load(reply))
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str]) -> None:

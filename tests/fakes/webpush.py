@@ -16,10 +16,6 @@ import argparse
 import base64
 import json
 import os
-import select
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +27,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid, jwt
 from twisted.internet.interfaces import IReactorTime
-from twisted.web import resource, server
+from twisted.web import server
+
+from tests.fakes.process import FakeProcess
+from tests.fakes.replies import DelayedReplies
 
 MAX_BODY = 4096
 
@@ -64,28 +63,24 @@ class Stats:
         }
 
 
-class FakePushService(resource.Resource):
+class FakePushService(DelayedReplies):
     """The whole service as one Resource: POST /push/<id>, GET /stats, GET /received."""
 
     isLeaf = True
 
     def __init__(self, origin: str, clock: IReactorTime | None = None) -> None:
-        super().__init__()
+        super().__init__(clock)
         self.origin = origin
-        self.clock = clock
         self.keys: dict[str, Keys] = {}
         #: Decrypted plaintexts per subscription id, in arrival order.
         self.received: dict[str, list[bytes]] = {}
         #: The request headers of every push, in arrival order.
         self.requests: list[dict[str, str]] = []
         self.stats = Stats()
-        #: Knobs: ids answering 410 / 404, replies to fail first, seconds to wait before replying.
+        #: Knobs: ids answering 410 / 404, replies to fail first; `latency`, seconds to wait before replying.
         self.gone: set[str] = set()
         self.not_found: set[str] = set()
         self.fail_next: list[tuple[int, str | None]] = []
-        self.latency = 0.0
-        self.in_flight = 0
-        self.max_in_flight = 0
         self.statuses: Counter[int] = Counter()
 
     def new_subscription(self) -> dict[str, Any]:
@@ -121,26 +116,7 @@ class FakePushService(resource.Resource):
         self.stats.received += 1
         status, headers, body = self._push(request)
         self.statuses[status] += 1
-        if self.latency <= 0 or self.clock is None:
-            return self._reply(request, status, headers, body)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-        def later() -> None:
-            self.in_flight -= 1
-            if not request.finished and not request._disconnected:
-                request.write(self._reply(request, status, headers, body))
-                request.finish()
-
-        self.clock.callLater(self.latency, later)
-        return server.NOT_DONE_YET
-
-    @staticmethod
-    def _reply(request: server.Request, status: int, headers: dict[bytes, bytes], body: bytes) -> bytes:
-        request.setResponseCode(status)
-        for name, value in headers.items():
-            request.setHeader(name, value)
-        return body
+        return self.reply(request, status, headers, body)
 
     def _push(self, request: server.Request) -> tuple[int, dict[bytes, bytes], bytes]:
         """Status, headers and body of the reply to one push (RFC 8030 section 5)."""
@@ -205,47 +181,26 @@ def vapid_key_file(path: str) -> str:
     return path
 
 
-class FakeWebPushProcess:
+class FakeWebPushProcess(FakeProcess):
     """`python -m tests.fakes.webpush` as a child process, stopped by its PID."""
+
+    module = "tests.fakes.webpush"
+    name = "Web Push service"
 
     def __init__(self, out: str, subscriptions: int = 1, extra: list[str] | None = None) -> None:
         self.out = out
         self.subscriptions = subscriptions
         self.extra = extra or []
-        self.proc: subprocess.Popen[str] | None = None
+        # Absolute: the fake runs from the repository root, the caller reads `out` from where it is.
+        super().__init__("--subscriptions", str(subscriptions), "--out", os.path.abspath(out), *self.extra)
         self.url = ""
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 30.0) -> FakeWebPushProcess:
-        cmd = [sys.executable, "-m", "tests.fakes.webpush", "--port", "0"]
-        cmd += ["--subscriptions", str(self.subscriptions), "--out", self.out, *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError("the fake Web Push service did not start")
-        self.url = json.loads(line)["url"]
-        return self
+    def read_info(self, info: dict[str, Any]) -> None:
+        self.url = info["url"]
 
     def subscription_list(self) -> list[dict[str, Any]]:
         with open(self.out) as f:
             return [json.loads(line)["subscription"] for line in f if line.strip()]
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 def main(argv: list[str] | None = None) -> None:
