@@ -170,7 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between server pings to each client; 0 turns them off. Whole seconds only."),
     Setting("ping-timeout", "10", _integer(1, 3600),
             "Seconds a client has to answer a ping before it is dropped. Whole seconds only."),
-    Setting("task-workers", "4", _integer(1, 256), "Threads that run blocking work off the reactor (hooks)."),
+    Setting("task-workers", "4", _integer(1, 256),
+            "Threads that run blocking work off the reactor: hooks, Web Push encryption, APNs requests (one HTTP/2 "
+            "connection each)."),
     Setting("hooks", "", _text,
             "Dotted name of a module with optional authorize(request, topic) and on_message(topic, payload)."),
     Setting("heartbeat-interval", "5", _integer(1, 3600),
