@@ -114,6 +114,7 @@ class FakeFcm(DelayedReplies):
                 "auth_uri": f"{self.base_url}/auth", "token_uri": self.token_uri}
 
     def write_credentials(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CREDENTIALS_FILE)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.service_account(), f, indent=2)
