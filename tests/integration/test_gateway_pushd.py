@@ -62,20 +62,20 @@ def test_offline_users_fall_back_to_fcm_and_a_dead_token_does_not_remove_the_use
     from tests.fakes.fcm import FakeFcmProcess
 
     r = redis_server.client()
-    with FakeFcmProcess(tmp_path / "fcm") as fcm:
-        with PushdProcess(tmp_path / "a", "--jwt-secret", SECRET, *fcm.settings(), redis=redis_server.url,
-                          node_id="a") as node:
-            alice = node.client()
-            alice.request({"op": "auth", "token": token("alice"), "id": 1})
-            add_audience(r, "people", {
-                "alice": json.dumps({"token": "tok-alice"}),   # online: FCM never hears of her
-                "carol": json.dumps({"fcm": "tok-carol"}),     # offline: through FCM
-                "erin": json.dumps({"token": "dead-erin"}),    # offline, and FCM says the token is gone
-            })
-            job_id = create_job(r, gateway="pushd", fallback="fcm", audience="people", title="Hi")
-            report = finished(r, job_id)
-            assert alice.recv()["data"]["title"] == "Hi"
-            stats = fcm.stats()
+    with FakeFcmProcess(tmp_path / "fcm") as fcm, \
+            PushdProcess(tmp_path / "a", "--jwt-secret", SECRET, *fcm.settings(), redis=redis_server.url,
+                         node_id="a") as node:
+        alice = node.client()
+        alice.request({"op": "auth", "token": token("alice"), "id": 1})
+        add_audience(r, "people", {
+            "alice": json.dumps({"token": "tok-alice"}),   # online: FCM never hears of her
+            "carol": json.dumps({"fcm": "tok-carol"}),     # offline: through FCM
+            "erin": json.dumps({"token": "dead-erin"}),    # offline, and FCM says the token is gone
+        })
+        job_id = create_job(r, gateway="pushd", fallback="fcm", audience="people", title="Hi")
+        report = finished(r, job_id)
+        assert alice.recv()["data"]["title"] == "Hi"
+        stats = fcm.stats()
     assert (report["total"], report["sent"]) == (3, 2)
     assert report["sent_via"] == {"online": 1, "fcm": 1}
     assert (stats["recipients"], stats["unique"], stats["duplicates"]) == (1, 1, 0)
