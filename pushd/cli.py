@@ -435,8 +435,7 @@ def worker(reactor: Any, options: WorkerOptions) -> defer.Deferred[None]:
     # The log as twistd -n writes it: to stdout, one line per event.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],  # type: ignore[list-item]
                                      redirectStandardIO=False)
-    assert config.redis is not None
-    process = WorkerProcess(reactor, config, config.redis, stop_reactor=False)
+    process = WorkerProcess(reactor, config, stop_reactor=False)
     stopped: defer.Deferred[None] = defer.Deferred()
     def finish(_: object) -> None:
         if not stopped.called:

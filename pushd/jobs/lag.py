@@ -27,7 +27,7 @@ class ReactorLag:
         self._waiting: list[defer.Deferred[None]] = []
         self._due = 0.0
         self._call: Any = None
-        #: Batches started late, for the log and the tests: how often the gate held a worker back.
+        #: How often the gate held a worker back (what the tests check).
         self.held = 0
 
     def start(self) -> None:

@@ -64,15 +64,17 @@ class WorkerProcess(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, target: RedisTarget,
-                 startup: StartupReport | None = None, stop_reactor: bool = True) -> None:
-        """`stop_reactor`: end the process when start-up fails (twistd); `pushctl worker` ends it itself."""
+    def __init__(self, reactor: Any, config: Config, startup: StartupReport | None = None,
+                 stop_reactor: bool = True) -> None:
+        """`config` with its Redis found (find_redis). `stop_reactor`: end the process when start-up fails
+        (twistd); `pushctl worker` ends it itself."""
         super().__init__()
+        assert config.redis is not None, "find_redis() first"
         self._stop_reactor = stop_reactor
         self.startup = startup or StartupReport(None)
         self.reactor = reactor
         self.config = config
-        self.target = target
+        self.target: RedisTarget = config.redis
         self.tasks = TaskPool(reactor, config.task_workers)
         self.tasks.setServiceParent(self)
         self.link: RedisLink | None = None
@@ -137,5 +139,4 @@ def make_worker(options: Options, runtime_file: str, parent: Any = None) -> Work
     except ConfigError as e:
         sys.stderr.write(f"pushd-worker: {e}\n")
         raise SystemExit(1) from None
-    assert config.redis is not None
-    return WorkerProcess(reactor, config, config.redis, StartupReport(parent))
+    return WorkerProcess(reactor, config, StartupReport(parent))
